@@ -1,0 +1,90 @@
+# /// script
+# dependencies = ["nox>=2025.2.9"]
+# ///
+"""Automation of the template repository itself: lint, tests, the committed example, a demo.
+
+PyTorch in rendered projects: the tests never download CUDA wheels. They pass the generated
+project's own override (TORCH_FIND_LINKS / TORCH_INDEX_URL, see the README) through; when neither
+is set, a torch wheel found in pip's find-links folder is used, else PyTorch's CPU index.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2025.2.9"
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["lint", "tests"]
+
+ROOT = Path(__file__).parent.resolve()
+EXAMPLE = ROOT / "generated-example"
+DEMO = ROOT / "build" / "demo"
+PYTHON = "3.11"
+
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import torch_source_env  # noqa: E402
+
+
+def _install(session: nox.Session) -> None:
+    session.install("--group", "test")
+
+
+def _render(session: nox.Session, dst: Path) -> None:
+    shutil.rmtree(dst, ignore_errors=True)
+    session.run("python", str(ROOT / "tests" / "helpers.py"), "render-example", str(dst))
+
+
+def _test_env() -> dict[str, str]:
+    return {"UV_PYTHON_DOWNLOADS": "never", **torch_source_env()}
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Ruff on the repository and on a freshly rendered default project."""
+    _install(session)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    rendered = Path(session.create_tmp()) / "lint-project"
+    _render(session, rendered)
+    session.run("ruff", "check", str(rendered))
+    session.run("ruff", "format", "--check", str(rendered))
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Fast tests of the template: rendering, validators, hooks, example freshness."""
+    _install(session)
+    session.run("pytest", "-m", "not e2e", *session.posargs, env=_test_env())
+
+
+@nox.session(python=PYTHON, default=False)
+def e2e(session: nox.Session) -> None:
+    """End-to-end: render, install, test, train, resume, DDP, gate, MLflow server (minutes)."""
+    _install(session)
+    session.run("pytest", "-m", "e2e", *session.posargs, env=_test_env())
+
+
+@nox.session(python=PYTHON, default=False)
+def example(session: nox.Session) -> None:
+    """Re-render generated-example/ from the default answers."""
+    _install(session)
+    _render(session, EXAMPLE)
+    session.log(f"rendered {EXAMPLE.relative_to(ROOT)}")
+
+
+@nox.session(python=PYTHON, default=False)
+def demo(session: nox.Session) -> None:
+    """Copy the default project into build/demo and run it end to end (install, test, train)."""
+    _install(session)
+    shutil.rmtree(DEMO, ignore_errors=True)
+    session.run("copier", "copy", "--trust", "--defaults", str(ROOT), str(DEMO))
+    env = {**os.environ, **_test_env()}
+    with session.chdir(DEMO):
+        session.run("nox", "-s", "install", "lint", "test", "train", env=env)
+    session.log(f"demo project ready in {DEMO.relative_to(ROOT)}: cd there and try `nox -l`")

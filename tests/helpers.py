@@ -1,0 +1,91 @@
+"""Helpers shared by the template's tests and noxfile (stdlib only at import time).
+
+Also a small CLI for the noxfile: ``python tests/helpers.py render-example DST``.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# What legitimately differs between two renders of the same answers.
+VOLATILE = {".git", ".venv", ".nox", "__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def torch_source_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The generated project's PyTorch wheel-source override to use in tests: never CUDA wheels.
+
+    An explicit TORCH_FIND_LINKS / TORCH_INDEX_URL wins; else a folder of pip's find-links
+    holding a torch wheel; else PyTorch's CPU index.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("TORCH_FIND_LINKS") or environ.get("TORCH_INDEX_URL"):
+        return {}
+    for folder in environ.get("PIP_FIND_LINKS", "").split():
+        folder = folder.removeprefix("file://")
+        if Path(folder).is_dir() and any(Path(folder).glob("torch-*.whl")):
+            return {"TORCH_FIND_LINKS": folder}
+    return {"TORCH_INDEX_URL": CPU_INDEX}
+
+
+def render(dst: Path, data: dict | None = None, *, tasks: bool = False) -> Path:
+    """Render the template's working tree (uncommitted changes included) into ``dst``."""
+    import copier
+
+    copier.run_copy(
+        str(ROOT),
+        str(dst),
+        data=data or {},
+        defaults=True,
+        unsafe=True,
+        skip_tasks=not tasks,
+        quiet=True,
+    )
+    return dst
+
+
+def render_example(dst: Path) -> Path:
+    """Render the default project as committed in generated-example/: DVC set up, no git repo."""
+    render(dst)
+    subprocess.run(
+        [sys.executable, str(ROOT / "hooks" / "post_copy.py"), "--no-git"],
+        cwd=dst,
+        check=True,
+        capture_output=True,
+    )
+    return dst
+
+
+def tree_files(top: Path) -> set[str]:
+    """Relative paths of the files under ``top``, minus what varies between renders."""
+    files = set()
+    for path in top.rglob("*"):
+        rel = path.relative_to(top)
+        if path.is_file() and not VOLATILE.intersection(rel.parts):
+            files.add(rel.as_posix())
+    return files
+
+
+def tree_diff(expected: Path, actual: Path, ignored: set[str] = frozenset()) -> list[str]:
+    """Human-readable differences between two rendered trees."""
+    want, have = tree_files(expected) - ignored, tree_files(actual) - ignored
+    diff = [f"missing: {p}" for p in sorted(want - have)]
+    diff += [f"unexpected: {p}" for p in sorted(have - want)]
+    diff += [
+        f"differs: {p}"
+        for p in sorted(want & have)
+        if not filecmp.cmp(expected / p, actual / p, shallow=False)
+    ]
+    return diff
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "render-example":
+        render_example(Path(sys.argv[2]))
+    else:
+        sys.exit("usage: python tests/helpers.py render-example DST")

@@ -1,0 +1,280 @@
+"""End to end: a real project is rendered, installed, tested, trained, resumed, scaled and gated.
+
+One environment is installed once (``pristine``) and shared by every copy of the project through
+``UV_PROJECT_ENVIRONMENT``, as a user's CI cache would. Nothing is mocked: real copier, uv, nox,
+DVC, PyTorch (CPU build), MLflow (embedded SQLite and a real ``mlflow server``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import render, torch_source_env
+
+pytestmark = pytest.mark.e2e
+
+PACKAGE = "my_ml_project"
+MODEL_NAME = "my-ml-project"
+# Outputs of a pipeline run: never copied between projects.
+RUN_OUTPUTS = (".venv", ".nox", "dvc.lock", "processed", "models", "metrics", "plots")
+RUN_STATE = ("mlflow.db", "mlartifacts", "mlruns", "checkpoints", "__pycache__")
+
+QUERY = """
+import json, sys
+from mlflow import MlflowClient
+client = MlflowClient(sys.argv[1])
+name = sys.argv[2]
+out = {"versions": sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))}
+try:
+    champion = client.get_model_version_by_alias(name, "champion")
+except Exception:
+    champion = None
+if champion is not None:
+    run = client.get_run(champion.run_id)
+    out |= {"champion": int(champion.version), "tags": run.data.tags,
+            "metrics": run.data.metrics, "params": run.data.params}
+print(json.dumps(out))
+"""
+
+
+class Project:
+    """A rendered project and the commands a user would type in it."""
+
+    def __init__(self, path: Path, venv: Path) -> None:
+        self.path, self.venv = path, venv
+        self.env = {
+            **os.environ,
+            **torch_source_env(),
+            "UV_PYTHON_DOWNLOADS": "never",
+            "UV_PROJECT_ENVIRONMENT": str(venv),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+
+    @property
+    def python(self) -> str:
+        return str(self.venv / "bin" / "python")
+
+    def run(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            args,
+            cwd=self.path,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and proc.returncode != 0:
+            pytest.fail(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def nox(self, *sessions: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "nox", "-s", *sessions, check=check, **env)
+
+    def py(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+        return self.run(self.python, *args, check=check, **env)
+
+    def copy(self, dst: Path) -> Project:
+        shutil.copytree(self.path, dst, ignore=shutil.ignore_patterns(*RUN_OUTPUTS, *RUN_STATE))
+        return Project(dst, self.venv)
+
+    def set_params(self, **sections: dict) -> None:
+        path = self.path / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+        for section, values in sections.items():
+            params[section].update(values)
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def json(self, rel: str) -> dict:
+        return json.loads((self.path / rel).read_text())
+
+    def registry(self, uri: str | None = None) -> dict:
+        uri = uri or f"sqlite:///{self.path / 'mlflow.db'}"
+        return json.loads(self.py("-c", QUERY, uri, MODEL_NAME).stdout)
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """The default project, copied with its post-copy tasks, its environment installed once."""
+    path = render(tmp_path_factory.mktemp("e2e") / "my-ml-project", tasks=True)
+    project = Project(path, path / ".venv")
+    project.nox("install")
+    return project
+
+
+@pytest.fixture(scope="session")
+def trained(pristine: Project, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    project = pristine.copy(tmp_path_factory.mktemp("trained") / "my-ml-project")
+    project.nox("train")
+    return project
+
+
+def test_project_lint_and_unit_tests_pass(pristine: Project) -> None:
+    result = pristine.nox("lint", "test")
+    assert " passed" in result.stdout + result.stderr
+
+
+def test_train_registers_a_champion_that_beats_the_baseline(trained: Project) -> None:
+    registry = trained.registry()
+    assert registry["versions"] == [1]
+    assert registry["champion"] == 1
+    evaluation = trained.json("metrics/evaluate.json")
+    assert evaluation["accuracy"] > evaluation["baseline_accuracy"]
+    assert evaluation["accuracy"] > 0.9
+    assert trained.json("metrics/gate.json")["decision"] == "promoted"
+
+
+def test_logged_data_version_matches_dvc_lock(trained: Project) -> None:
+    lock = yaml.safe_load((trained.path / "dvc.lock").read_text())
+    outs = {o["path"]: o["md5"] for o in lock["stages"]["prepare"]["outs"]}
+    tags = trained.registry()["tags"]
+    assert tags["data.train_md5"] == outs["data/processed/train.parquet"]
+    assert tags["data.val_md5"] == outs["data/processed/val.parquet"]
+    head = trained.run("git", "rev-parse", "HEAD").stdout.strip()
+    assert tags["git.commit"] == head
+
+
+def test_second_train_is_a_no_op(trained: Project) -> None:
+    result = trained.nox("train")
+    assert "Data and pipelines are up to date" in result.stdout + result.stderr
+    assert trained.registry()["versions"] == [1]
+
+
+def test_worse_model_is_registered_but_not_promoted(trained: Project) -> None:
+    trained.set_params(train={"epochs": 1, "lr": 0.0003}, model={"hidden_sizes": [4]})
+    result = trained.nox("train")
+    registry = trained.registry()
+    assert registry["versions"] == [1, 2]
+    assert registry["champion"] == 1
+    gate = trained.json("metrics/gate.json")
+    assert gate["decision"] == "not_promoted", gate
+    assert "NOT PROMOTED" in result.stdout + result.stderr
+
+
+def test_killed_training_resumes_to_the_configured_epochs(pristine: Project, tmp_path: Path):
+    project = pristine.copy(tmp_path / "resume")
+    epochs = 150
+    project.set_params(train={"epochs": epochs, "patience": 0, "batch_size": 8})
+    project.py("-m", f"{PACKAGE}.data")
+    project.py("-m", f"{PACKAGE}.registry", "init")
+    checkpoint = project.path / "checkpoints" / "last.pt"
+    proc = subprocess.Popen(
+        [project.python, "-m", f"{PACKAGE}.train"],
+        cwd=project.path,
+        env=project.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
+    assert not (project.path / "metrics" / "train.json").exists()
+    read_epoch = "import torch; print(torch.load('checkpoints/last.pt', weights_only=False)['epoch'])"
+    killed_at = int(project.py("-c", read_epoch).stdout)
+    assert 1 <= killed_at < epochs
+
+    result = project.py("-m", f"{PACKAGE}.train", "--resume")
+    assert "resum" in (result.stdout + result.stderr).lower()
+    assert project.json("metrics/train.json")["epochs_run"] == epochs
+    history = (project.path / "metrics" / "history.csv").read_text().splitlines()
+    assert [int(line.split(",")[0]) for line in history[1:]] == list(range(1, epochs + 1))
+    assert project.registry()["versions"] == [1]
+
+
+def test_ddp_on_two_cpu_processes_registers_one_model(pristine: Project, tmp_path: Path):
+    project = pristine.copy(tmp_path / "ddp")
+    project.set_params(train={"epochs": 5})
+    project.py("-m", f"{PACKAGE}.data")
+    project.py("-m", f"{PACKAGE}.registry", "init")
+    torchrun = str(project.venv / "bin" / "torchrun")
+    project.run(torchrun, "--standalone", "--nproc_per_node", "2", "-m", f"{PACKAGE}.train")
+    registry = project.registry()
+    assert registry["versions"] == [1]
+    run = project.json("models/run.json")
+    assert run["model_version"] in ("1", 1)
+
+
+WINE = """
+import pandas as pd
+from sklearn.datasets import load_wine
+data = load_wine(as_frame=True)
+frame = data.frame.rename(columns={"target": "cultivar"})
+frame.columns = [c.replace("/", "_") for c in frame.columns]
+frame.to_csv("data/raw/wine.csv", index=False)
+"""
+
+
+def test_bring_your_own_multiclass_csv(pristine: Project, tmp_path: Path) -> None:
+    project = pristine.copy(tmp_path / "wine")
+    project.py("-c", WINE)
+    project.set_params(data={"raw_path": "data/raw/wine.csv", "target": "cultivar"})
+    project.nox("train")
+    schema = project.json("data/processed/schema.json")
+    assert len(schema["classes"]) == 3
+    evaluation = project.json("metrics/evaluate.json")
+    assert evaluation["accuracy"] > evaluation["baseline_accuracy"]
+    assert project.registry()["champion"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(pristine: Project, tmp_path: Path):
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    proc = subprocess.Popen(
+        [
+            str(pristine.venv / "bin" / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination", str(store / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        env=pristine.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_pipeline_against_a_real_mlflow_server(pristine: Project, mlflow_server: str, tmp_path):
+    project = pristine.copy(tmp_path / "server-project")
+    project.set_params(train={"epochs": 10})
+    project.nox("train", MLFLOW_TRACKING_URI=mlflow_server)
+    registry = project.registry(mlflow_server)
+    assert registry["versions"] == [1]
+    assert registry["champion"] == 1
+    assert not (project.path / "mlflow.db").exists()
