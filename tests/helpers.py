@@ -9,7 +9,9 @@ import filecmp
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -33,19 +35,30 @@ def torch_source_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {"TORCH_INDEX_URL": CPU_INDEX}
 
 
-def render(dst: Path, data: dict | None = None, *, tasks: bool = False) -> Path:
-    """Render the template's working tree (uncommitted changes included) into ``dst``."""
-    import copier
+def render(dst: Path, *, tasks: bool = False, pretend: bool = False, **answers: Any) -> Path:
+    """Render the template's working tree (uncommitted changes included) into ``dst``.
 
-    copier.run_copy(
-        str(ROOT),
-        str(dst),
-        data=data or {},
-        defaults=True,
-        unsafe=True,
-        skip_tasks=not tasks,
-        quiet=True,
-    )
+    Unanswered questions take their defaults; ``tasks=True`` runs the post-copy hook as
+    `copier copy --trust` does; ``pretend=True`` asks and validates but writes nothing.
+    """
+    import copier
+    from copier.errors import DirtyLocalWarning
+
+    with warnings.catch_warnings():
+        # Expected while developing: the working tree is what is under test.
+        warnings.simplefilter("ignore", DirtyLocalWarning)
+        copier.run_copy(
+            str(ROOT),
+            dst,
+            data=answers,
+            defaults=True,
+            unsafe=True,
+            skip_tasks=not tasks,
+            pretend=pretend,
+            # HEAD and the dirty working tree, not the latest tag copier would pick.
+            vcs_ref="HEAD",
+            quiet=True,
+        )
     return dst
 
 

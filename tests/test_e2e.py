@@ -185,7 +185,9 @@ def test_killed_training_resumes_to_the_configured_epochs(pristine: Project, tmp
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
     assert not (project.path / "metrics" / "train.json").exists()
-    read_epoch = "import torch; print(torch.load('checkpoints/last.pt', weights_only=False)['epoch'])"
+    read_epoch = (
+        "import torch; print(torch.load('checkpoints/last.pt', weights_only=False)['epoch'])"
+    )
     killed_at = int(project.py("-c", read_epoch).stdout)
     assert 1 <= killed_at < epochs
 

@@ -1,0 +1,258 @@
+"""Render the template with several answer sets; check what comes out parses, lints and fits."""
+
+from __future__ import annotations
+
+import configparser
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+QUESTIONS: dict[str, Any] = yaml.safe_load(
+    (Path(__file__).resolve().parents[1] / "copier.yml").read_text(encoding="utf-8")
+)
+CI_PROVIDERS: list[str] = list(QUESTIONS["ci_providers"]["choices"].values())
+CI_FILES = {
+    "github": ".github/workflows/ci.yml",
+    "gitlab": ".gitlab-ci.yml",
+    "jenkins": "Jenkinsfile",
+}
+DATASET = "data/raw/breast_cancer.csv"
+
+ANSWER_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "minimal": {
+        "ci_providers": [],
+        "accelerator": "cpu",
+        "description": "",
+        "dvc_remote": "s3://bucket/dvc",
+        "mlflow_tracking_uri": "http://127.0.0.1:5000",
+    },
+    **{f"ci-{provider}": {"ci_providers": [provider]} for provider in CI_PROVIDERS},
+    "cpu": {"accelerator": "cpu"},
+    "cuda": {"accelerator": "cuda", "cuda_version": "cu126"},
+    "fancy-name": {"project_name": "My Fancy-Project 2", "dvc_remote": "~/dvc-storage"},
+    "python-3.13": {"python_version": "3.13", "dvc_remote": "/srv/dvc-storage"},
+}
+# Leftover Jinja: a tag, or an expression naming a question or copier's own variables.
+# (GitHub's `${{ ... }}` and Python's `{{` in f-strings are not Jinja.)
+VARIABLES = "|".join(re.escape(q) for q in QUESTIONS if not q.startswith("_"))
+LEFTOVER = re.compile(
+    rf"\{{%-?\s*(if|elif|else|endif|for|endfor|set|raw|endraw)\b|\{{\{{-?\s*({VARIABLES}|_copier)"
+)
+
+
+@dataclass(frozen=True)
+class Project:
+    path: Path
+    given: dict[str, Any]  # the answers passed to copier
+    answers: dict[str, Any]  # every answer, as the answers file records them
+
+    def read(self, name: str) -> str:
+        return (self.path / name).read_text(encoding="utf-8")
+
+    def yaml(self, name: str) -> Any:
+        return yaml.safe_load(self.read(name))
+
+    def toml(self, name: str) -> dict[str, Any]:
+        return tomllib.loads(self.read(name))
+
+
+@pytest.fixture(scope="module", params=list(ANSWER_SETS))
+def project(request: pytest.FixtureRequest, renderer, tmp_path_factory) -> Project:
+    """The template rendered (tasks skipped) with one answer set."""
+    given = ANSWER_SETS[request.param]
+    path = renderer(tmp_path_factory.mktemp(request.param) / "project", **given)
+    answers = yaml.safe_load((path / QUESTIONS["_answers_file"]).read_text(encoding="utf-8"))
+    return Project(path, given, answers)
+
+
+def project_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and ".git" not in p.parts)
+
+
+def ruff() -> list[str]:
+    if importlib.util.find_spec("ruff") is not None:
+        return [sys.executable, "-m", "ruff"]
+    if exe := shutil.which("ruff"):
+        return [exe]
+    pytest.skip("ruff is not installed")
+
+
+def test_expected_files(project: Project) -> None:
+    names = {p.relative_to(project.path).as_posix() for p in project_files(project.path)}
+    package = project.answers["package_name"]
+    for required in [
+        ".copier-answers.yml",
+        ".gitignore",
+        ".dvcignore",
+        ".dvc/config",
+        ".dvc/.gitignore",
+        "pyproject.toml",
+        "noxfile.py",
+        "params.yaml",
+        "dvc.yaml",
+        DATASET,
+        f"src/{package}/__init__.py",
+    ]:
+        assert required in names
+    for provider, ci_file in CI_FILES.items():
+        assert (ci_file in names) == (provider in project.answers["ci_providers"]), ci_file
+    if "github" not in project.answers["ci_providers"]:
+        assert not (project.path / ".github").exists()
+    # Conditional names that render empty leave nothing behind, and no suffix survives.
+    assert not [n for n in names if n.endswith(".jinja") or Path(n).name in {"", ".jinja"}]
+
+
+def test_tasks_skipped(project: Project) -> None:
+    """With --skip-tasks the hook does not run: no repository, nothing tracked yet."""
+    assert not (project.path / ".git").exists()
+    assert not (project.path / f"{DATASET}.dvc").exists()
+
+
+def test_structured_files_parse(project: Project) -> None:
+    parsed = 0
+    for path in project_files(project.path):
+        text = path.read_text(encoding="utf-8") if path.suffix != ".csv" else ""
+        if path.suffix in {".yml", ".yaml", ".dvc"}:
+            assert yaml.safe_load(text) is not None, path
+        elif path.suffix == ".toml":
+            tomllib.loads(text)
+        elif path.suffix == ".json":
+            json.loads(text)
+        else:
+            continue
+        parsed += 1
+    assert parsed >= 4  # answers, params, dvc.yaml, pyproject at least
+
+
+def test_no_jinja_leftovers(project: Project) -> None:
+    for path in project_files(project.path):
+        if path.suffix == ".csv":
+            continue
+        text = path.read_text(encoding="utf-8")
+        match = LEFTOVER.search(text)
+        assert match is None, f"{path}: {text[match.start() : match.start() + 60]!r}"
+
+
+def test_ruff_passes(project: Project) -> None:
+    cmd = ruff()
+    for args in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
+        result = subprocess.run(
+            [*cmd, *args], cwd=project.path, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_answers_file_records_answers(project: Project) -> None:
+    text = project.read(QUESTIONS["_answers_file"])
+    assert text.startswith("# Changes here will be overwritten by Copier")
+    assert project.answers["_src_path"]
+    for question, value in project.given.items():
+        assert project.answers[question] == value
+    # Every stored answer is a question of copier.yml (computed ones are not stored).
+    stored = {k for k in project.answers if not k.startswith("_")}
+    assert stored <= set(QUESTIONS)
+    assert "project_slug" not in stored
+
+
+def test_pyproject_fits_answers(project: Project) -> None:
+    pyproject = project.toml("pyproject.toml")
+    python = project.answers["python_version"]
+    assert pyproject["project"]["requires-python"] == f">={python}"
+    assert pyproject["tool"]["ruff"]["target-version"] == "py" + python.replace(".", "")
+    sources = pyproject.get("tool", {}).get("uv", {}).get("sources", {})
+    accelerator = project.answers["accelerator"]
+    if accelerator == "auto":
+        assert "torch" not in sources
+        return
+    wheel_tag = "cpu" if accelerator == "cpu" else project.answers["cuda_version"]
+    (torch_source,) = sources["torch"]
+    indexes = {i["name"]: i for i in pyproject["tool"]["uv"]["index"]}
+    index = indexes[torch_source["index"]]
+    assert index["url"] == f"https://download.pytorch.org/whl/{wheel_tag}"
+    assert index["explicit"] is True
+
+
+def test_names_derive_from_project_name(project: Project) -> None:
+    expected = {"My Fancy-Project 2": "my-fancy-project-2", "My ML Project": "my-ml-project"}
+    slug = expected[project.answers["project_name"]]
+    assert project.toml("pyproject.toml")["project"]["name"] == slug
+    assert project.answers["package_name"] == slug.replace("-", "_")
+    assert project.yaml("params.yaml")["mlflow"]["model_name"] == slug
+    if "dvc_remote" not in project.given:
+        assert project.answers["dvc_remote"] == f"../{slug}-dvc-storage"
+
+
+def test_dvc_config_points_at_the_remote(project: Project) -> None:
+    config = configparser.ConfigParser()
+    config.read(project.path / ".dvc" / "config", encoding="utf-8")
+    remote = config["core"]["remote"]
+    url = config[f"'remote \"{remote}\"'"]["url"]
+    answer = project.answers["dvc_remote"]
+    if re.match(r"^[a-z0-9]+://|^[/~]", answer):
+        assert url == answer
+    else:
+        # DVC reads a relative url from the .dvc/ folder; the answer is from the project root.
+        dvc_dir = project.path / ".dvc"
+        assert os.path.normpath(dvc_dir / url) == os.path.normpath(project.path / answer)
+
+
+def test_params_fit_answers(project: Project) -> None:
+    params = project.yaml("params.yaml")
+    device = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}[project.answers["accelerator"]]
+    assert params["train"]["device"] == device
+    assert params["mlflow"]["tracking_uri"] == project.answers["mlflow_tracking_uri"]
+
+
+def test_ci_pipelines(project: Project) -> None:
+    """Each chosen CI runs `nox -s lint test` on CPU with uv's cache kept."""
+    checks = {"github": check_github, "gitlab": check_gitlab, "jenkins": check_jenkins}
+    for provider in project.answers["ci_providers"]:
+        checks[provider](project)
+
+
+def check_github(project: Project) -> None:
+    workflow = project.yaml(CI_FILES["github"])
+    assert workflow["permissions"] == {"contents": "read"}
+    assert workflow["env"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    steps = [step for job in workflow["jobs"].values() for step in job["steps"]]
+    actions = {s["uses"].split("@")[0]: s for s in steps if "uses" in s}
+    for step in actions.values():
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
+    assert actions["actions/checkout"]["with"]["persist-credentials"] is False
+    setup_uv = actions["astral-sh/setup-uv"]["with"]
+    assert setup_uv["python-version"] == project.answers["python_version"]
+    assert setup_uv["enable-cache"] is True
+    assert any("nox -s lint test" in s.get("run", "") for s in steps)
+    # A pinned SHA carries the version it stands for, for people and for update bots.
+    uses_lines = [line for line in project.read(CI_FILES["github"]).splitlines() if "uses:" in line]
+    assert all(re.search(r"@[0-9a-f]{40} # v\d", line) for line in uses_lines)
+
+
+def check_gitlab(project: Project) -> None:
+    pipeline = project.yaml(CI_FILES["gitlab"])
+    variables = pipeline["variables"]
+    assert variables["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    job = pipeline["test"]
+    assert f"-python{project.answers['python_version']}-" in job["image"]
+    assert variables["UV_CACHE_DIR"] in job["cache"]["paths"]
+    assert any("nox -s lint test" in line for line in job["script"])
+
+
+def check_jenkins(project: Project) -> None:
+    # No Groovy parser at hand: check the lines that matter.
+    text = project.read(CI_FILES["jenkins"])
+    assert f"-python{project.answers['python_version']}-" in text
+    assert "TORCH_INDEX_URL = 'https://download.pytorch.org/whl/cpu'" in text
+    assert "nox -s lint test" in text
