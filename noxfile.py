@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import nox
@@ -50,10 +51,13 @@ def lint(session: nox.Session) -> None:
     _install(session)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    rendered = Path(session.create_tmp()) / "lint-project"
-    _render(session, rendered)
-    session.run("ruff", "check", str(rendered))
-    session.run("ruff", "format", "--check", str(rendered))
+    # Outside the repository: ruff skips anything under .nox/ and would use our config.
+    with tempfile.TemporaryDirectory(prefix="mlops-template-lint-") as tmp:
+        rendered = Path(tmp) / "my-ml-project"
+        _render(session, rendered)
+        with session.chdir(rendered):
+            session.run("ruff", "check", ".")
+            session.run("ruff", "format", "--check", ".")
 
 
 @nox.session(python=PYTHON)
