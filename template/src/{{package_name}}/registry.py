@@ -61,7 +61,8 @@ def init_store(uri: str | None = None) -> None:
     """Create the tables of a SQLite store (idempotent); other stores are left alone."""
     uri = uri or tracking_uri()
     path = _sqlite_path(uri)
-    if path is None:
+    # Importing mlflow costs seconds: an existing store (the usual case) needs nothing.
+    if path is None or (path.is_file() and path.stat().st_size > 0):
         return
     from mlflow import MlflowClient
 
