@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # What legitimately differs between two renders of the same answers.
 VOLATILE = {".git", ".venv", ".nox", "__pycache__", ".pytest_cache", ".ruff_cache"}
+ANSWERS = ".copier-answers.yml"
 
 
 def torch_source_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -65,6 +66,12 @@ def render(dst: Path, *, tasks: bool = False, pretend: bool = False, **answers: 
 def render_example(dst: Path) -> Path:
     """Render the default project as committed in generated-example/: DVC set up, no git repo."""
     render(dst)
+    # The template is the example's parent folder, wherever the repository is cloned.
+    answers = dst / ".copier-answers.yml"
+    lines = answers.read_text().splitlines(keepends=True)
+    answers.write_text(
+        "".join("_src_path: ..\n" if x.startswith("_src_path:") else x for x in lines)
+    )
     subprocess.run(
         [sys.executable, str(ROOT / "hooks" / "post_copy.py"), "--no-git"],
         cwd=dst,

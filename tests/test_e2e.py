@@ -121,6 +121,20 @@ def trained(pristine: Project, tmp_path_factory: pytest.TempPathFactory) -> Proj
     return project
 
 
+def test_post_copy_tasks_leave_a_clean_repo_with_the_data_tracked_by_dvc(pristine, tmp_path):
+    project = pristine.copy(tmp_path / "dvc-check")
+    dataset = "data/raw/breast_cancer.csv"
+    dvc = str(project.venv / "bin" / "dvc")
+    assert "up to date" in project.run(dvc, "status", f"{dataset}.dvc").stdout
+    original = (project.path / dataset).read_bytes()
+    (project.path / dataset).unlink()
+    project.run(dvc, "checkout", f"{dataset}.dvc")
+    assert (project.path / dataset).read_bytes() == original
+    project.run(dvc, "add", dataset)  # the same file again: DVC rewrites nothing
+    assert project.run("git", "status", "--porcelain", "--untracked-files=all").stdout == ""
+    assert project.run("git", "rev-list", "--count", "HEAD").stdout.strip() == "1"
+
+
 def test_project_lint_and_unit_tests_pass(pristine: Project) -> None:
     result = pristine.nox("lint", "test")
     assert " passed" in result.stdout + result.stderr

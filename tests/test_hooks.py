@@ -235,26 +235,6 @@ def test_hook_again_changes_nothing(generated: Path) -> None:
     assert tree_bytes(generated) == before
 
 
-@pytest.mark.skipif(shutil.which("dvc") is None, reason="dvc is not on PATH")
-def test_real_dvc_agrees(generated: Path, tmp_path: Path) -> None:
-    project = tmp_path / "project"
-    shutil.copytree(generated, project, symlinks=True)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-
-    def dvc(*args: str) -> str:
-        return subprocess.run(
-            ["dvc", *args], cwd=project, env=env, capture_output=True, text=True, check=True
-        ).stdout
-
-    target = f"{DATASET}.dvc"
-    assert "up to date" in dvc("status", target)
-    (project / DATASET).unlink()
-    dvc("checkout", target)
-    assert (project / DATASET).read_bytes() == (generated / DATASET).read_bytes()
-    dvc("add", DATASET)  # the same file again: DVC rewrites nothing
-    assert git(project, "status", "--porcelain", "--untracked-files=all") == ""
-
-
 def test_works_without_git_identity(skeleton: Path, tmp_path: Path) -> None:
     project = tmp_path / "project"
     shutil.copytree(skeleton, project)

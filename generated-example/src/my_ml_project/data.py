@@ -1,0 +1,385 @@
+"""DVC stage ``prepare``: validate the raw CSV, split it, write parquet files and the schema.
+
+Run it as ``python -m <package>.data`` from the project root. Reads the ``seed``, ``data`` and
+``split`` sections of params.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import ProjectError, cli_errors, get_param, load_params
+
+SPLITS = ("train", "val", "test")
+SCHEMA_FILE = "schema.json"
+FIX_COLUMNS = "edit data.raw_path / data.target / data.features in params.yaml"
+FIX_PREPARE = f"run `dvc repro prepare` (or `python -m {__package__}.data`)"
+
+
+class DataError(ProjectError):
+    """The data does not match what params.yaml declares."""
+
+
+@dataclass
+class Schema:
+    """What the model is trained on: feature columns in order, target column, class labels."""
+
+    features: list[str]
+    target: str
+    classes: list[str]
+
+    def save(self, path: str | Path, **metadata: Any) -> None:
+        """Write the schema plus free-form ``metadata`` (row counts, hashes) as JSON."""
+        text = json.dumps({**asdict(self), **metadata}, indent=2) + "\n"
+        _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schema:
+        """Read a schema written by :meth:`save` (extra metadata is ignored)."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return cls(
+                features=[str(f) for f in raw["features"]],
+                target=str(raw["target"]),
+                classes=[str(c) for c in raw["classes"]],
+            )
+        except FileNotFoundError:
+            raise DataError(f"{path} not found: {FIX_PREPARE}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path} is not a valid schema ({exc!r}): {FIX_PREPARE}") from None
+
+
+@dataclass(frozen=True)
+class _Expect:
+    """What params.yaml declares about the raw file; builds errors that repeat it."""
+
+    path: Path
+    target: str
+    features: str | list[str]
+
+    def error(self, problem: str, fix: str = FIX_COLUMNS) -> DataError:
+        if isinstance(self.features, str):
+            feats = "every other column"
+        else:
+            feats = _short_list(self.features)
+        return DataError(
+            f"{self.path}: {problem}\n"
+            f"  expected columns: target {self.target!r}; features: {feats}\n"
+            f"  fix: {fix}"
+        )
+
+
+def _short_list(items: Sequence[object], limit: int = 8) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown if len(items) <= limit else f"{shown}, ... ({len(items)} in all)"
+
+
+def _read_csv(exp: _Expect) -> pd.DataFrame:
+    if not exp.path.is_file():
+        what = "is a directory, not a file" if exp.path.is_dir() else "not found"
+        raise exp.error(f"raw data file {what}")
+    try:
+        with warnings.catch_warnings():
+            # Rows longer than the header would be cut silently (or turned into an index).
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            # Labels stay text, so "1" and "01" or "1.0" are never confused.
+            df = pd.read_csv(exp.path, dtype={exp.target: str}, index_col=False)
+    except pd.errors.EmptyDataError:
+        raise exp.error(
+            "the file is empty", f"put a CSV with a header row there, or {FIX_COLUMNS}"
+        ) from None
+    except (pd.errors.ParserError, pd.errors.ParserWarning) as exc:
+        raise exp.error(f"not a valid CSV ({str(exc).strip()})", "fix the file") from None
+    except UnicodeDecodeError:
+        raise exp.error("not UTF-8 text", "save the file as UTF-8 CSV") from None
+    if df.empty:
+        raise exp.error("the file has a header but no data rows", "add rows to the file")
+    return df
+
+
+def _select_features(df: pd.DataFrame, exp: _Expect) -> list[str]:
+    columns = [str(c) for c in df.columns]
+    if exp.target not in columns:
+        hint = ""
+        if len(columns) == 1 and any(sep in columns[0] for sep in ";\t|"):
+            hint = " (is the file comma-separated?)"
+        raise exp.error(
+            f"target column {exp.target!r} not found; columns in the file: "
+            f"{_short_list(columns, 20)}{hint}"
+        )
+    if exp.features == "all":
+        features = [c for c in columns if c != exp.target]
+    elif isinstance(exp.features, list) and all(isinstance(f, str) for f in exp.features):
+        features = list(exp.features)
+    else:
+        raise exp.error(
+            f"data.features must be 'all' or a list of column names, not {exp.features!r}"
+        )
+    if not features:
+        raise exp.error("no feature columns: the file holds only the target")
+    if exp.target in features:
+        raise exp.error(f"the target {exp.target!r} is also listed in data.features")
+    duplicated = sorted({f for f in features if features.count(f) > 1})
+    if duplicated:
+        raise exp.error(f"data.features lists columns twice: {', '.join(duplicated)}")
+    absent = [f for f in features if f not in columns]
+    if absent:
+        raise exp.error(
+            f"feature columns not found: {', '.join(absent)}; columns in the file: "
+            f"{_short_list(columns, 20)}"
+        )
+    return features
+
+
+def _check_numeric(df: pd.DataFrame, features: list[str], exp: _Expect) -> None:
+    bad = []
+    for col in features:
+        if pd.api.types.is_numeric_dtype(df[col]):
+            continue
+        values = df[col].dropna()
+        example = values[pd.to_numeric(values, errors="coerce").isna()]
+        sample = f", e.g. {example.iloc[0]!r}" if len(example) else ""
+        bad.append(f"{col} ({df[col].dtype}{sample})")
+    if bad:
+        raise exp.error(
+            f"non-numeric feature columns: {'; '.join(bad)}",
+            "convert them to numbers in the file, or leave them out of data.features",
+        )
+
+
+def _handle_missing(df: pd.DataFrame, used: list[str], missing: str, exp: _Expect) -> pd.DataFrame:
+    if missing not in ("error", "drop"):
+        raise exp.error(
+            f"data.missing must be 'error' or 'drop', not {missing!r}", "fix params.yaml"
+        )
+    # Infinite values break training just like NaN, so they count as missing.
+    bad = df[used].isna() | df[used].isin([np.inf, -np.inf])
+    bad_rows = bad.any(axis=1)
+    n_bad = int(bad_rows.sum())
+    if n_bad == 0:
+        return df
+    if missing == "error":
+        per_column = bad.sum()
+        cols = [f"{c} ({int(n)})" for c, n in per_column[per_column > 0].items()]
+        raise exp.error(
+            f"{n_bad} of {len(df)} rows have missing or infinite values in: "
+            f"{_short_list(cols, 20)}",
+            "set data.missing: drop or clean the file",
+        )
+    print(f"dropped {n_bad} of {len(df)} rows with missing or infinite values (data.missing: drop)")
+    return df.loc[~bad_rows].reset_index(drop=True)
+
+
+def read_raw(
+    path: str | Path,
+    target: str,
+    features: str | list[str] = "all",
+    missing: str = "error",
+) -> pd.DataFrame:
+    """Load the raw CSV and validate it: the feature columns in order, then the target as text."""
+    exp = _Expect(Path(path), target, features)
+    df = _read_csv(exp)
+    cols = _select_features(df, exp)
+    df = _handle_missing(df[[*cols, target]], [*cols, target], missing, exp)
+    if df.empty:
+        raise exp.error("no rows left after dropping missing values", "clean the file")
+    _check_numeric(df, cols, exp)
+    df = df.assign(**{target: df[target].str.strip()})
+    n_classes = df[target].nunique()
+    if n_classes < 2:
+        raise exp.error(
+            f"target {target!r} has {n_classes} class: a classifier needs at least 2",
+            "choose another data.target, or add rows of the other classes",
+        )
+    return df
+
+
+def _check_sizes(val_size: float, test_size: float) -> None:
+    for name, size in (("split.val_size", val_size), ("split.test_size", test_size)):
+        if not 0 < size < 1:
+            raise DataError(f"{name} must be between 0 and 1, not {size!r}: fix params.yaml")
+    if val_size + test_size >= 1:
+        raise DataError(
+            f"split.val_size + split.test_size = {val_size + test_size:g} leaves no training rows: "
+            "make their sum smaller than 1 in params.yaml"
+        )
+
+
+def _check_class_sizes(df: pd.DataFrame, val_size: float, test_size: float, exp: _Expect) -> None:
+    """Fail clearly unless a stratified split can give every split at least one row per class."""
+    needed = max(3, math.ceil(1 / min(val_size, test_size)))
+    counts = df[exp.target].value_counts()
+    small = counts[counts < needed]
+    if len(small):
+        listed = ", ".join(f"class {label!r} has {int(n)}" for label, n in small.items())
+        raise exp.error(
+            f"too few rows for a stratified train/val/test split: {listed}; each class needs at "
+            f"least {needed} (split.val_size={val_size}, split.test_size={test_size})",
+            "add rows of those classes, merge rare classes, or set split.stratify: false",
+        )
+
+
+def split_frame(
+    df: pd.DataFrame,
+    target: str,
+    val_size: float,
+    test_size: float,
+    seed: int,
+    stratify: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Split into train/val/test (fractions of the whole), stratified on the target if asked."""
+    from sklearn.model_selection import train_test_split
+
+    _check_sizes(val_size, test_size)
+    # Row counts, not fractions: the second split's fraction of the rest would round unevenly.
+    n_test = max(1, round(test_size * len(df)))
+    n_val = max(1, round(val_size * len(df)))
+    try:
+        rest, test = train_test_split(
+            df, test_size=n_test, random_state=seed, stratify=df[target] if stratify else None
+        )
+        train, val = train_test_split(
+            rest, test_size=n_val, random_state=seed, stratify=rest[target] if stratify else None
+        )
+    except ValueError as exc:  # too few rows for the requested fractions
+        raise DataError(f"cannot split {len(df)} rows ({exc}): add rows or edit split.*") from None
+    return train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file in the same folder, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_md5(path: str | Path) -> str:
+    """MD5 of a file, the hash DVC uses too."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare(params: dict[str, Any]) -> Schema:
+    """Validate the raw CSV, split it, write the parquet splits and schema.json."""
+    raw_path = Path(get_param(params, "data.raw_path"))
+    target = str(get_param(params, "data.target"))
+    features = get_param(params, "data.features", "all")
+    missing = get_param(params, "data.missing", "error")
+    out_dir = Path(get_param(params, "data.processed_dir", "data/processed"))
+    stratify = bool(get_param(params, "split.stratify", True))
+    try:
+        seed = int(get_param(params, "seed"))
+        val_size = float(get_param(params, "split.val_size"))
+        test_size = float(get_param(params, "split.test_size"))
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"seed and split.*_size in params.yaml must be numbers ({exc})") from None
+    _check_sizes(val_size, test_size)
+
+    df = read_raw(raw_path, target, features, missing)
+    if stratify:
+        _check_class_sizes(df, val_size, test_size, _Expect(raw_path, target, features))
+    parts = dict(
+        zip(SPLITS, split_frame(df, target, val_size, test_size, seed, stratify), strict=True)
+    )
+    schema = Schema(
+        features=list(df.columns[:-1]), target=target, classes=sorted(df[target].unique())
+    )
+
+    for name, part in parts.items():
+        _atomic_write(
+            out_dir / f"{name}.parquet", lambda tmp, p=part: p.to_parquet(tmp, index=False)
+        )
+    rows = {name: len(part) for name, part in parts.items()}
+    schema.save(
+        out_dir / SCHEMA_FILE,
+        rows=rows,
+        class_counts={str(k): int(v) for k, v in df[target].value_counts().sort_index().items()},
+        raw={"path": raw_path.as_posix(), "md5": file_md5(raw_path), "rows_used": len(df)},
+        seed=seed,
+    )
+    print(
+        f"prepared {len(df)} rows from {raw_path}: {len(schema.features)} features, "
+        f"{len(schema.classes)} classes ({_short_list(schema.classes)})\n"
+        f"  -> {out_dir}: " + ", ".join(f"{k} {v}" for k, v in rows.items())
+    )
+    return schema
+
+
+def load_frame(
+    name: str, processed_dir: str | Path = "data/processed"
+) -> tuple[pd.DataFrame, Schema]:
+    """Read one prepared split as a DataFrame, with the schema it was written with."""
+    if name not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {name!r}")
+    processed_dir = Path(processed_dir)
+    schema = Schema.load(processed_dir / SCHEMA_FILE)
+    path = processed_dir / f"{name}.parquet"
+    try:
+        df = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: {FIX_PREPARE}") from None
+    absent = [c for c in [*schema.features, schema.target] if c not in df.columns]
+    if absent:
+        raise DataError(f"{path} lacks columns {', '.join(absent)} of {SCHEMA_FILE}: {FIX_PREPARE}")
+    return df, schema
+
+
+def to_arrays(df: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+    """Features as float32 [N, F] in schema order; labels as int64 indices into schema.classes."""
+    x = df[schema.features].to_numpy(dtype=np.float32)
+    index = {label: i for i, label in enumerate(schema.classes)}
+    labels = df[schema.target].astype(str)
+    unknown = sorted(set(labels) - index.keys())
+    if unknown:
+        raise DataError(
+            f"labels {_short_list(unknown)} are not among the schema's classes "
+            f"{_short_list(schema.classes)}: {FIX_PREPARE}"
+        )
+    y = labels.map(index).to_numpy(dtype=np.int64)
+    return x, y
+
+
+def load_split(
+    name: str, processed_dir: str | Path = "data/processed"
+) -> tuple[np.ndarray, np.ndarray, Schema]:
+    """Load a prepared split as ``(x float32 [N, F], y int64 [N], schema)``."""
+    df, schema = load_frame(name, processed_dir)
+    x, y = to_arrays(df, schema)
+    return x, y, schema
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``prepare`` stage."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__package__}.data",
+        description="Validate the raw CSV and write the train/val/test splits.",
+    )
+    parser.add_argument("--params", default="params.yaml", help="parameters file (params.yaml)")
+    args = parser.parse_args(argv)
+    prepare(load_params(args.params))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Shared fixtures: a small, fast project in a temporary folder (the cwd while a test runs)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from my_ml_project.config import load_params
+from my_ml_project.data import prepare
+
+# Tests may find the project's own files from here; package code never does.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Small, fast values over the project's defaults: a tiny network trained for a few epochs.
+FAST_PARAMS: dict[str, Any] = {
+    "data": {
+        "raw_path": "data/raw/synthetic.csv",
+        "target": "label",
+        "features": "all",
+        "missing": "error",
+        "processed_dir": "data/processed",
+    },
+    "model": {"hidden_sizes": [16]},
+    "train": {"device": "cpu", "epochs": 3, "batch_size": 32, "patience": 0},
+    "mlflow": {"tracking_uri": "sqlite:///mlflow.db"},
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``override`` merged into it, section by section."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def write_csv(
+    path: str | Path,
+    n_rows: int = 120,
+    n_classes: int = 2,
+    n_features: int = 4,
+    *,
+    target: str = "label",
+    labels: Sequence[object] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a learnable synthetic dataset: balanced classes, class-dependent feature means."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        labels = (
+            ["negative", "positive"] if n_classes == 2 else [f"class_{i}" for i in range(n_classes)]
+        )
+    if len(labels) != n_classes:
+        raise ValueError(f"{len(labels)} labels given for {n_classes} classes")
+    codes = rng.permutation(np.arange(n_rows) % n_classes)
+    x = rng.normal(size=(n_rows, n_features)) + 1.5 * codes[:, None]
+    df = pd.DataFrame(x, columns=[f"feature_{i}" for i in range(n_features)])
+    df[target] = [labels[c] for c in codes]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def template_params() -> dict[str, Any]:
+    """The project's own params.yaml, as shipped."""
+    return load_params(PROJECT_ROOT / "params.yaml")
+
+
+@pytest.fixture
+def make_csv() -> Callable[..., Path]:
+    """``make_csv(path, n_rows=120, n_classes=2, n_features=4, *, target, labels, seed)``."""
+    return write_csv
+
+
+@pytest.fixture
+def project_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template_params: dict[str, Any]
+) -> Path:
+    """A temporary project root (the cwd): fast params.yaml and a 120-row synthetic CSV."""
+    monkeypatch.chdir(tmp_path)
+    # The project's params.yaml decides where MLflow writes, not the caller's shell.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("TRAIN_DEVICE", raising=False)
+    params = deep_merge(template_params, FAST_PARAMS)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_csv(tmp_path / params["data"]["raw_path"])
+    return tmp_path
+
+
+@pytest.fixture
+def update_params(project_dir: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``update_params({"train": {"epochs": 1}})`` merges into params.yaml; returns the result."""
+
+    def update(override: dict[str, Any]) -> dict[str, Any]:
+        path = project_dir / "params.yaml"
+        params = deep_merge(load_params(path), override)
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        return params
+
+    return update
+
+
+@pytest.fixture
+def prepared_project(project_dir: Path) -> Path:
+    """``project_dir`` after the prepare stage: data/processed/ holds the splits and schema."""
+    prepare(load_params())
+    return project_dir

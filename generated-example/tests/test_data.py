@@ -1,0 +1,255 @@
+"""The prepare stage: validation of the raw CSV, the splits, and what later stages load."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from my_ml_project.config import ProjectError, load_params
+from my_ml_project.data import (
+    DataError,
+    Schema,
+    load_split,
+    main,
+    prepare,
+    read_raw,
+    split_frame,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FEATURES = [f"feature_{i}" for i in range(4)]
+
+
+def frame(rows: int = 60, **columns: list[Any]) -> pd.DataFrame:
+    """Two numeric features and a binary label, with columns overridden by keyword."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame(
+        {"a": rng.normal(size=rows), "b": rng.normal(size=rows), "y": ["no", "yes"] * (rows // 2)}
+    )
+    for name, values in columns.items():
+        df[name] = values
+    return df
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> Callable[[pd.DataFrame], Path]:
+    def write_frame(df: pd.DataFrame) -> Path:
+        path = tmp_path / "raw.csv"
+        df.to_csv(path, index=False)
+        return path
+
+    return write_frame
+
+
+# --- the project's own data -------------------------------------------------------------------
+
+
+def test_project_raw_data_is_valid(template_params: dict[str, Any]) -> None:
+    data = template_params["data"]
+    raw = PROJECT_ROOT / data["raw_path"]
+    if not raw.exists() and raw.with_name(raw.name + ".dvc").exists():
+        pytest.skip(f"{raw} is tracked by DVC but not pulled: run `dvc pull`")
+    df = read_raw(raw, data["target"], data["features"], data["missing"])
+    features = list(df.columns[:-1])
+    assert df.columns[-1] == data["target"]
+    assert len(df) >= 100
+    assert df[data["target"]].nunique() >= 2
+    assert all(pd.api.types.is_numeric_dtype(df[c]) for c in features)
+    assert not df.isna().any().any()
+
+
+# --- validation: every error names the file, the expected columns and the fix -----------------
+
+
+def test_missing_file_names_path_columns_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "nope.csv"
+    with pytest.raises(DataError) as info:
+        read_raw(path, "y", ["a", "b"])
+    message = str(info.value)
+    assert str(path) in message
+    assert "not found" in message
+    assert "'y'" in message
+    assert "a, b" in message
+    assert "data.raw_path" in message
+
+
+def test_missing_target_column_lists_file_columns(write: Callable[..., Path]) -> None:
+    path = write(frame())
+    with pytest.raises(
+        DataError, match=r"target column 'label' not found; columns in the file: a, b, y"
+    ):
+        read_raw(path, "label")
+
+
+def test_missing_feature_columns_are_named(write: Callable[..., Path]) -> None:
+    with pytest.raises(DataError, match=r"feature columns not found: c, d"):
+        read_raw(write(frame()), "y", ["a", "c", "d"])
+
+
+def test_non_numeric_feature_names_column_and_dtype(write: Callable[..., Path]) -> None:
+    path = write(frame(b=["1.5", "n/a?"] * 30))
+    with pytest.raises(
+        DataError, match=r"non-numeric feature columns: b \(object, e\.g\. 'n/a\?'\)"
+    ):
+        read_raw(path, "y")
+
+
+def test_missing_values_error_names_columns_rows_and_fix(write: Callable[..., Path]) -> None:
+    path = write(frame(a=[np.nan, 1.0, 2.0] * 20))
+    with pytest.raises(DataError) as info:
+        read_raw(path, "y", missing="error")
+    message = str(info.value)
+    assert "20 of 60 rows" in message
+    assert "a (20)" in message
+    assert "set data.missing: drop or clean the file" in message
+
+
+def test_missing_values_drop(
+    write: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    df = read_raw(write(frame(a=[np.nan, 1.0, np.inf] * 20)), "y", missing="drop")
+    assert len(df) == 20
+    assert np.isfinite(df[["a", "b"]].to_numpy()).all()
+    assert "dropped 40 of 60 rows" in capsys.readouterr().out
+
+
+def test_unknown_missing_policy(write: Callable[..., Path]) -> None:
+    with pytest.raises(DataError, match=r"data.missing must be 'error' or 'drop'"):
+        read_raw(write(frame()), "y", missing="ignore")
+
+
+def test_single_class_is_refused(write: Callable[..., Path]) -> None:
+    with pytest.raises(DataError, match="has 1 class: a classifier needs at least 2"):
+        read_raw(write(frame(y=["yes"] * 60)), "y")
+
+
+def test_too_small_class_is_named(project_dir: Path) -> None:
+    params = load_params()
+    df = pd.read_csv(params["data"]["raw_path"])
+    df.loc[:2, "label"] = "rare"
+    df.to_csv(params["data"]["raw_path"], index=False)
+    with pytest.raises(DataError, match=r"class 'rare' has 3; each class needs at least 7"):
+        prepare(params)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "the file is empty"),
+        (b"a,b,y\n", "no data rows"),
+        (b"a,b,y\n1,2,no\n1,2,3,4,yes\n", "not a valid CSV"),
+        (b"a,b,y\n1,2,\xff\xfe\n", "not UTF-8"),
+    ],
+)
+def test_unreadable_csv(tmp_path: Path, content: bytes, problem: str) -> None:
+    path = tmp_path / "raw.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=problem):
+        read_raw(path, "y")
+
+
+def test_main_reports_bad_file_without_traceback(
+    project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Path(load_params()["data"]["raw_path"]).write_text("feature_0,label\n1,2,3\n")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data/raw/synthetic.csv: not a valid CSV")
+    assert "fix:" in err
+    assert "Traceback" not in err
+
+
+def test_main_without_params_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 2
+    assert capsys.readouterr().err.startswith("error: params.yaml not found")
+
+
+def test_params_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ProjectError, match=r"params.yaml must be a YAML mapping"):
+        load_params(path)
+
+
+# --- splitting ----------------------------------------------------------------------------------
+
+
+def test_split_sizes_and_stratification(tmp_path: Path, make_csv: Callable[..., Path]) -> None:
+    df = pd.read_csv(make_csv(tmp_path / "d.csv", n_rows=400, n_classes=2, labels=["a", "b"]))
+    df.loc[df.index[:100], "label"] = "a"  # unbalanced: proportions must survive the split
+    train, val, test = split_frame(df, "label", val_size=0.15, test_size=0.15, seed=1)
+    assert (len(train), len(val), len(test)) == (280, 60, 60)
+    overall = df["label"].value_counts(normalize=True)
+    for part in (train, val, test):
+        shares = part["label"].value_counts(normalize=True)
+        assert shares.index.sort_values().tolist() == ["a", "b"]
+        assert np.allclose(shares.sort_index(), overall.sort_index(), atol=0.02)
+
+
+def test_split_fractions_are_checked() -> None:
+    with pytest.raises(DataError, match="leaves no training rows"):
+        split_frame(frame(), "y", val_size=0.5, test_size=0.5, seed=0)
+
+
+def test_prepare_is_deterministic(project_dir: Path, update_params: Callable[..., Any]) -> None:
+    prepare(load_params())
+    first = {s: pd.read_parquet(f"data/processed/{s}.parquet") for s in ("train", "val", "test")}
+    prepare(load_params())
+    for split, df in first.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(f"data/processed/{split}.parquet"), df)
+    prepare(update_params({"seed": 7}))
+    assert not pd.read_parquet("data/processed/test.parquet").equals(first["test"])
+
+
+def test_main_writes_splits_and_schema(
+    project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([]) == 0
+    schema = json.loads(Path("data/processed/schema.json").read_text())
+    assert schema["features"] == FEATURES
+    assert schema["target"] == "label"
+    assert schema["classes"] == ["negative", "positive"]
+    assert schema["rows"] == {"train": 84, "val": 18, "test": 18}
+    assert len(schema["raw"]["md5"]) == 32
+    assert "train 84, val 18, test 18" in capsys.readouterr().out
+
+
+def test_multiclass_integer_labels(
+    project_dir: Path, make_csv: Callable[..., Path], update_params: Callable[..., Any]
+) -> None:
+    make_csv("data/raw/multi.csv", n_rows=200, n_classes=4, target="kind", labels=[3, 1, 10, 2])
+    params = update_params({"data": {"raw_path": "data/raw/multi.csv", "target": "kind"}})
+    schema = prepare(params)
+    assert schema.classes == ["1", "10", "2", "3"]
+    _, y, _ = load_split("train")
+    assert set(np.unique(y)) == {0, 1, 2, 3}
+    assert pd.read_parquet("data/processed/val.parquet")["kind"].map(type).eq(str).all()
+
+
+# --- what later stages load ----------------------------------------------------------------------
+
+
+def test_load_split_dtypes_and_shapes(prepared_project: Path) -> None:
+    x, y, schema = load_split("test")
+    assert x.dtype == np.float32
+    assert y.dtype == np.int64
+    assert x.shape == (18, 4)
+    assert y.shape == (18,)
+    assert schema == Schema(features=FEATURES, target="label", classes=["negative", "positive"])
+    df = pd.read_parquet("data/processed/test.parquet")
+    assert np.array_equal(x, df[FEATURES].to_numpy(np.float32))
+    assert [schema.classes[i] for i in y] == df["label"].tolist()
+
+
+def test_load_split_before_prepare(project_dir: Path) -> None:
+    with pytest.raises(DataError, match=r"schema.json not found: run `dvc repro prepare`"):
+        load_split("train")

@@ -1,0 +1,299 @@
+"""The evaluate stage: metrics, plots and the promotion gate, against a real MLflow store.
+
+The candidate models are linear models with hand-set weights on the standardised synthetic
+features (whose class means differ on every feature): no training, same scores on every run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from my_ml_project import evaluate, registry, train
+from my_ml_project.data import load_split
+from my_ml_project.model import TabularClassifier, build_model, save_model
+
+GATE_KEYS = {
+    "decision",
+    "reason",
+    "metric",
+    "candidate_version",
+    "candidate_score",
+    "baseline_score",
+    "champion_version",
+    "champion_score",
+    "margin",
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An initialised SQLite store shared by the module's tests (creating one costs seconds)."""
+    uri = "sqlite:///" + (tmp_path_factory.mktemp("mlflow") / "mlflow.db").as_posix()
+    registry.init_store(uri)
+    return uri
+
+
+@pytest.fixture
+def params(
+    prepared_project: Path,
+    store: str,
+    monkeypatch: pytest.MonkeyPatch,
+    update_params: Callable[[dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Prepared data, the shared store, and a registered model name of this test's own."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    return update_params({"mlflow": {"model_name": prepared_project.name}})
+
+
+def linear_model(weights: list[float], bias: list[float] | None = None) -> TabularClassifier:
+    """Logits = [0, weights . z] + bias on standardised features z; no hidden layer."""
+    x, _, schema = load_split("train")
+    model = build_model(schema, {"hidden_sizes": [], "dropout": 0.0}, x)
+    layer = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[1] = torch.tensor(weights)
+        layer.bias.copy_(torch.tensor(bias or [0.0] * len(schema.classes)))
+    return model.eval()
+
+
+def good_model() -> TabularClassifier:
+    return linear_model([1.0, 1.0, 1.0, 1.0])
+
+
+def weak_model() -> TabularClassifier:
+    """Looks at one feature of four: better than chance, worse than ``good_model``."""
+    return linear_model([1.0, 0.0, 0.0, 0.0])
+
+
+def constant_model() -> TabularClassifier:
+    """Ignores its input and predicts the train split's majority class, like the baseline."""
+    _, y, schema = load_split("train")
+    bias = [0.0] * len(schema.classes)
+    bias[int(np.bincount(y).argmax())] = 1.0
+    return linear_model([0.0, 0.0, 0.0, 0.0], bias)
+
+
+def publish(model: TabularClassifier, params: dict[str, Any]) -> dict[str, str]:
+    """What train does after fitting: save, log and register the model, write models/run.json."""
+    save_model(model, evaluate.MODEL_PATH)
+    registry.configure(params)
+    example = pd.DataFrame(load_split("val")[0][:2], columns=model.feature_names)
+    with mlflow.start_run() as run:
+        logged = registry.log_model(model, example)
+    name = params["mlflow"]["model_name"]
+    info = {
+        "run_id": run.info.run_id,
+        "model_name": name,
+        "model_version": registry.register(logged.model_uri, name),
+    }
+    evaluate.RUN_INFO_PATH.write_text(json.dumps(info))
+    return info
+
+
+def gate() -> dict[str, Any]:
+    return json.loads(evaluate.GATE_PATH.read_text())
+
+
+def version_tags(name: str, version: str) -> dict[str, str]:
+    return mlflow.MlflowClient().get_model_version(name, version).tags
+
+
+def test_first_model_is_promoted(
+    params: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    out = capsys.readouterr().out
+    assert "PROMOTED" in out
+    assert "no champion" in out
+    name = info["model_name"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == info["model_version"]
+    assert version_tags(name, info["model_version"])["gate"] == "promoted"
+    decision = gate()
+    assert decision.keys() >= GATE_KEYS
+    assert decision["decision"] == "promoted"
+    assert decision["candidate_score"] > decision["baseline_score"]
+
+    metrics = json.loads(evaluate.METRICS_PATH.read_text())
+    expected = (
+        "accuracy",
+        "f1",
+        "log_loss",
+        "roc_auc",
+        "n_test",
+        "baseline_accuracy",
+        "baseline_f1",
+    )
+    for key in expected:
+        assert isinstance(metrics[key], int | float), key
+    assert metrics["f1"] > metrics["baseline_f1"]
+    run = mlflow.MlflowClient().get_run(info["run_id"])
+    assert run.data.metrics["test_f1"] == pytest.approx(metrics["f1"])
+    assert run.data.tags["gate"] == "promoted"
+
+    # Unchanged model, evaluated again (e.g. after a params edit): it stays champion.
+    assert evaluate.main([]) == 0
+    assert "already is the champion" in capsys.readouterr().out
+    assert registry.get_alias_version(name, registry.CHAMPION) == info["model_version"]
+
+
+def test_plots_parse(params: dict[str, Any]) -> None:
+    publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    _, y, schema = load_split("test")
+    with evaluate.CONFUSION_PATH.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(y)
+    assert {r["actual"] for r in rows} | {r["predicted"] for r in rows} <= set(schema.classes)
+    assert sorted(r["actual"] for r in rows) == sorted(schema.classes[i] for i in y)
+    with evaluate.CURVE_PATH.open() as f:
+        curve = [(float(r["x"]), float(r["y"])) for r in csv.DictReader(f)]
+    assert curve[0] == (0.0, 0.0)
+    assert curve[-1] == (1.0, 1.0)
+    assert all(0 <= x <= 1 and 0 <= y <= 1 for x, y in curve)
+
+
+def test_worse_model_is_not_promoted(
+    params: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    champion = publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    candidate = publish(weak_model(), params)
+    assert evaluate.main([]) == 0, "a valid but worse model must not break `dvc repro`"
+    out = capsys.readouterr().out
+    v_old, v_new = champion["model_version"], candidate["model_version"]
+    assert f"NOT PROMOTED: candidate v{v_new} f1=" in out
+    assert f"< champion v{v_old} f1=" in out
+    name = candidate["model_name"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == v_old
+    assert registry.get_alias_version(name, registry.CHALLENGER) == v_new
+    assert version_tags(name, v_new)["gate"] == "not_promoted"
+    decision = gate()
+    assert decision["decision"] == "not_promoted"
+    assert decision["champion_version"] == v_old
+    assert decision["baseline_score"] < decision["candidate_score"] < decision["champion_score"]
+
+
+@pytest.mark.parametrize(("margin", "expected"), [(0.0, "promoted"), (0.05, "not_promoted")])
+def test_equal_model_needs_the_margin(
+    params: dict[str, Any],
+    update_params: Callable[[dict[str, Any]], dict[str, Any]],
+    margin: float,
+    expected: str,
+) -> None:
+    publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    params = update_params({"evaluate": {"promotion_margin": margin}})
+    candidate = publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    assert gate()["decision"] == expected
+    promoted = registry.get_alias_version(candidate["model_name"], registry.CHAMPION)
+    assert (promoted == candidate["model_version"]) == (expected == "promoted")
+
+
+def test_no_better_than_baseline_fails_the_gate(
+    params: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = publish(constant_model(), params)
+    capsys.readouterr()
+    assert evaluate.main([]) == evaluate.GATE_FAILED_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith("error: GATE FAILED: candidate v1 f1 ")
+    assert "<= baseline" in err
+    assert "Traceback" not in err
+    name, version = info["model_name"], info["model_version"]
+    assert registry.get_alias_version(name, registry.CHAMPION) is None
+    assert registry.get_alias_version(name, registry.CHALLENGER) == version
+    assert version_tags(name, version)["gate"] == "failed"
+    assert gate()["decision"] == "failed"
+    f1 = json.loads(evaluate.METRICS_PATH.read_text())["f1"]
+    assert f1 == pytest.approx(gate()["baseline_score"], abs=1e-6)
+
+
+def test_min_score_fails_the_gate(
+    params: dict[str, Any],
+    update_params: Callable[[dict[str, Any]], dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    params = update_params({"evaluate": {"min_score": 1.0}})
+    publish(weak_model(), params)
+    assert evaluate.main([]) == evaluate.GATE_FAILED_EXIT
+    err = capsys.readouterr().err
+    assert "error: GATE FAILED:" in err
+    assert "< evaluate.min_score 1.0000" in err
+
+
+def test_champion_on_other_features_is_replaced(
+    params: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The user switched datasets: the old champion cannot be scored on the new test split."""
+    schema = load_split("train")[2]
+    old = TabularClassifier([f"old_{f}" for f in schema.features], schema.classes, [4], 0.0)
+    old_info = publish(old.eval(), params)
+    registry.set_alias(old_info["model_name"], registry.CHAMPION, old_info["model_version"])
+    info = publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    assert "other features or classes" in capsys.readouterr().out
+    champion = registry.get_alias_version(info["model_name"], registry.CHAMPION)
+    assert champion == info["model_version"]
+
+
+@pytest.mark.slow
+def test_evaluates_what_train_writes(
+    params: dict[str, Any],
+    update_params: Callable[[dict[str, Any]], dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The contract between the stages: models/model.pt and models/run.json as train writes them."""
+    params = update_params({"train": {"epochs": 15, "lr": 0.01, "patience": 0}})
+    run = train.run(params)
+    assert evaluate.main([]) == 0, capsys.readouterr().err
+    decision = gate()
+    assert decision["decision"] == "promoted"
+    assert decision["candidate_version"] == run["model_version"]
+    assert registry.get_alias_version(run["model_name"], registry.CHAMPION) == run["model_version"]
+    assert "test_f1" in mlflow.MlflowClient().get_run(run["run_id"]).data.metrics
+
+
+def test_missing_training_output_is_a_clear_error(
+    prepared_project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert evaluate.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: models/run.json not found")
+    assert "Traceback" not in err
+
+
+def test_unknown_metric_is_a_clear_error(
+    params: dict[str, Any],
+    update_params: Callable[[dict[str, Any]], dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    update_params({"evaluate": {"metric": "precision"}})
+    assert evaluate.main([]) == 2
+    assert "evaluate.metric" in capsys.readouterr().err
+
+
+def test_multiclass_metrics_and_micro_roc() -> None:
+    y = np.array([0, 1, 2, 2, 1, 0])
+    proba = np.eye(3)[[0, 1, 2, 1, 1, 0]] * 0.7 + 0.1
+    metrics = evaluate.compute_metrics(y, proba)
+    assert metrics["accuracy"] == pytest.approx(5 / 6)
+    assert 0.5 < metrics["roc_auc"] <= 1
+    curve = evaluate.roc_points(y, proba)
+    assert curve[0] == (0.0, 0.0)
+    assert curve[-1] == (1.0, 1.0)
+    # A class missing from the test split: roc_auc is undefined, the rest is not.
+    assert "roc_auc" not in evaluate.compute_metrics(y[y < 2], proba[y < 2])

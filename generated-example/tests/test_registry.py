@@ -1,0 +1,151 @@
+"""MLflow tracking and registry, against a real SQLite store (one per test module: ~1.5 s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from my_ml_project import registry
+from my_ml_project.config import ProjectError, load_params
+from my_ml_project.data import load_split
+from my_ml_project.model import TabularClassifier, build_model
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An initialised SQLite store shared by the module's tests (creating one costs seconds)."""
+    uri = "sqlite:///" + (tmp_path_factory.mktemp("mlflow") / "mlflow.db").as_posix()
+    registry.init_store(uri)
+    return uri
+
+
+@pytest.fixture
+def tracking(project_dir: Path, store: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    return store
+
+
+def test_environment_overrides_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert registry.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///x.db"}}) == (
+        "http://mlflow.example:5000"
+    )
+
+
+@pytest.mark.parametrize(
+    ("configured", "expected"),
+    [
+        ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
+        ("sqlite:///stores/m.db", "sqlite:///{cwd}/stores/m.db"),
+        ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ],
+)
+def test_relative_sqlite_is_made_absolute(
+    project_dir: Path, configured: str, expected: str
+) -> None:
+    params = {"mlflow": {"tracking_uri": configured}}
+    assert registry.tracking_uri(params) == expected.format(cwd=project_dir.as_posix())
+
+
+def test_uri_defaults_to_params_yaml(project_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert registry.main(["uri"]) == 0
+    assert capsys.readouterr().out.strip() == f"sqlite:///{project_dir.as_posix()}/mlflow.db"
+    assert not (project_dir / "mlflow.db").exists(), "`uri` must not create the store"
+
+
+def test_init_is_idempotent(tracking: str, capsys: pytest.CaptureFixture[str]) -> None:
+    params = load_params()
+    registry.configure(params)
+    assert registry.main(["init"]) == 0
+    assert registry.main(["init"]) == 0
+    assert capsys.readouterr().out.split() == [tracking, tracking]
+    experiment = mlflow.MlflowClient(tracking).get_experiment_by_name(
+        params["mlflow"]["experiment"]
+    )
+    assert experiment is not None, "init must keep what the store holds"
+    # Local store: artifacts next to the database, not in the caller's cwd.
+    assert experiment.artifact_location.startswith(
+        Path(tracking.removeprefix("sqlite:///")).parent.as_uri()
+    )
+
+
+def test_deleted_experiment_is_a_clear_error(tracking: str) -> None:
+    params = load_params()
+    params["mlflow"]["experiment"] = "deleted-experiment"
+    registry.configure(params)
+    client = mlflow.MlflowClient(tracking)
+    client.delete_experiment(client.get_experiment_by_name("deleted-experiment").experiment_id)
+    with pytest.raises(ProjectError, match="restore it"):
+        registry.configure(params)
+
+
+def _model() -> tuple[TabularClassifier, pd.DataFrame]:
+    x, _, schema = load_split("train")
+    torch.manual_seed(0)
+    model = build_model(schema, {"hidden_sizes": [8], "dropout": 0.0}, x).eval()
+    return model, pd.DataFrame(x[:3], columns=schema.features)
+
+
+def test_log_model_needs_two_example_rows(prepared_project: Path) -> None:
+    model, example = _model()
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        registry.log_model(model, example.head(1))
+
+
+def test_log_register_alias_load_round_trip(prepared_project: Path, tracking: str) -> None:
+    model, example = _model()
+    registry.configure(load_params())
+    with mlflow.start_run():
+        info = registry.log_model(model, example)
+    name = "round-trip"
+    version = registry.register(info.model_uri, name, tags={"source": "test"})
+    assert version == "1"
+    assert registry.get_alias_version(name, registry.CHAMPION) is None
+    assert registry.get_alias_version("no-such-model", registry.CHAMPION) is None
+
+    registry.set_alias(name, registry.CHAMPION, version)
+    assert registry.get_alias_version(name, registry.CHAMPION) == "1"
+    loaded = registry.load_version(name, version)
+    assert isinstance(loaded, TabularClassifier)
+    assert not loaded.training
+    assert loaded.feature_names == model.feature_names
+    assert loaded.class_names == model.class_names
+    x = torch.from_numpy(example.to_numpy(np.float32))
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+    registry.delete_alias(name, registry.CHAMPION)
+    registry.delete_alias(name, registry.CHAMPION)  # absent: no error
+    assert registry.get_alias_version(name, registry.CHAMPION) is None
+
+
+def test_logged_model_is_pickled_with_pinned_requirements(
+    prepared_project: Path, tracking: str
+) -> None:
+    model, example = _model()
+    registry.configure(load_params())
+    with mlflow.start_run():
+        info = registry.log_model(model, example)
+    files = {Path(p).name for p in _artifact_files(info.model_uri)}
+    assert "model.pth" in files, "pickle format (pt2 would write model.pt2)"
+    assert "model.pt2" not in files
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(info.model_uri)).read_text()
+    pins = dict(line.split("==") for line in requirements.split())
+    assert {"mlflow", "torch", "numpy", "pandas", "cloudpickle"} <= pins.keys()
+    assert "+" not in pins["torch"], "a local tag such as +cpu does not resolve on PyPI"
+    assert info.signature.inputs.input_names() == model.feature_names
+    assert info.metadata["class_names"] == model.class_names
+    # Served data arrive as float64 (JSON): the signature must accept them, and float32 too.
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    for dtype in (np.float64, np.float32):
+        assert served.predict(example.astype(dtype)).shape == (3, len(model.class_names))
+
+
+def _artifact_files(model_uri: str) -> list[str]:
+    root = Path(mlflow.artifacts.download_artifacts(model_uri))
+    return [str(p) for p in root.rglob("*") if p.is_file()]
