@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from my_ml_project.checkpoint import fingerprint, read_checkpoint
 from my_ml_project.config import ProjectError, load_params
 from my_ml_project.data import file_md5
 from my_ml_project.distributed import DistContext, amp_dtype, resolve_device
@@ -18,11 +19,9 @@ from my_ml_project.train import (
     FitResult,
     TrainConfig,
     epoch_indices,
-    fingerprint,
     fit,
     load_data,
     main,
-    read_checkpoint,
     run,
     seed_everything,
 )

@@ -1,0 +1,172 @@
+"""Training checkpoints: their format, the fingerprint that guards resume, and the RNG state.
+
+A checkpoint is a plain dict that ``torch.load(weights_only=True)`` accepts. Rank 0 rewrites it
+atomically after every epoch, so a crash leaves the last whole epoch; a resumed run repeats an
+uninterrupted one exactly because every rank's generator state is saved with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .config import ProjectError
+from .model import atomic_save
+
+if TYPE_CHECKING:
+    from .train import TrainData
+
+CHECKPOINT_FILE = "last.pt"
+CHECKPOINT_FORMAT = 1
+# train.* knobs that do not change what is computed: a checkpoint stays resumable across them.
+NOT_FINGERPRINTED = ("resume", "device", "checkpoint_dir")
+RESUME_MODES = ("auto", "always", "never")
+
+
+def fingerprint(params: dict[str, Any], data: TrainData, world_size: int = 1) -> str:
+    """Hash of everything that decides the training result; a checkpoint resumes only if equal."""
+    train = {k: v for k, v in params.get("train", {}).items() if k not in NOT_FINGERPRINTED}
+    content = {
+        "seed": params.get("seed"),
+        "model": params.get("model"),
+        "train": train,
+        "world_size": world_size,
+        "data": {k: data.md5[k] for k in ("train", "val", "schema")},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generator states, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    return {
+        "python": random.getstate(),
+        "numpy": (name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+        # Only this process's GPU: asking for every GPU's state would open a context on each.
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's weights on the CPU (the loop keeps training the original)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def new_state(fp: str, run_id: str | None) -> dict[str, Any]:
+    """The checkpoint of a run before its first epoch."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": fp,
+        "finished": False,
+        "epoch": 0,
+        "best": {"epoch": 0, "val_loss": math.inf, "val_accuracy": 0.0, "state": None},
+        "bad_epochs": 0,
+        "stopped_early": False,
+        "history": [],
+        "stats": {"samples": 0.0, "seconds": 0.0},
+        "run_id": run_id,
+    }
+
+
+def restore(
+    state: dict[str, Any],
+    start: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    rank: int,
+    device: torch.device,
+) -> None:
+    """Load checkpoint ``start`` into the model, optimizer, scaler, RNGs and ``state``."""
+    model.load_state_dict(start["model"])
+    optimizer.load_state_dict(start["optimizer"])
+    scaler.load_state_dict(start["scaler"])
+    set_rng_state(start["rng"][rank], device)
+    state.update({k: v for k, v in start.items() if k != "run_id"})
+    # copies: the loop updates these in place
+    state.update(
+        best=dict(start["best"]), history=list(start["history"]), stats=dict(start["stats"])
+    )
+
+
+def save(
+    state: dict[str, Any],
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    rngs: list[dict[str, Any]],
+) -> None:
+    """Write the checkpoint of the epoch just done (rank 0; ``rngs``: every rank's state)."""
+    state.update(
+        model=cpu_state(model),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        rng=rngs,
+    )
+    atomic_save(state, path)
+
+
+def mark_finished(state: dict[str, Any], path: Path) -> None:
+    """Rewrite the checkpoint as finished: ``resume: auto`` then starts the next run fresh."""
+    atomic_save({**state, "finished": True}, path)
+
+
+def read_checkpoint(path: Path, fp: str, mode: str) -> tuple[dict[str, Any] | None, str]:
+    """The checkpoint to resume from (None: start fresh) and a line that says why.
+
+    ``mode``: auto resumes an unfinished run with the same fingerprint; always must resume
+    (else a ProjectError); never ignores the checkpoint.
+    """
+    fresh = "use --no-resume (or train.resume: auto) to start a fresh run"
+    if mode == "never":
+        return None, "starting fresh (resume disabled)" if path.exists() else ""
+    if not path.is_file():
+        if mode == "always":
+            raise ProjectError(f"--resume: no checkpoint at {path} to resume from; {fresh}")
+        return None, ""
+    ckpt = _load(path)
+    if ckpt is None:
+        if mode == "always":
+            raise ProjectError(f"--resume: {path} is not a readable checkpoint; {fresh}")
+        return None, f"note: {path} is not a readable checkpoint; starting fresh"
+    if ckpt["fingerprint"] != fp:
+        if mode == "always":
+            raise ProjectError(
+                f"--resume: {path} was made with other params (seed/model/train) or data; "
+                f"restore those, or {fresh}"
+            )
+        return None, f"note: {path} is from a run with other params or data; starting fresh"
+    if ckpt["finished"]:
+        if mode == "always":
+            raise ProjectError(f"--resume: the run in {path} already finished; {fresh}")
+        return None, ""
+    return ckpt, f"resuming from {path}: {ckpt['epoch']} epoch(s) done"
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    """The checkpoint in ``path``, or None if it is not one of ours."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated or foreign file can fail in many ways
+        return None
+    return ckpt if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT else None
