@@ -255,6 +255,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no healthy server at {url} (exit code {proc.poll()})")
+            time.sleep(0.5)
+
+
 @pytest.fixture
 def mlflow_server(pristine: Project, tmp_path: Path):
     port = _free_port()
@@ -272,16 +285,7 @@ def mlflow_server(pristine: Project, tmp_path: Path):
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not start")
-            time.sleep(0.5)
+    _wait_until_healthy(url, proc)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -295,3 +299,27 @@ def test_pipeline_against_a_real_mlflow_server(pristine: Project, mlflow_server:
     assert registry["versions"] == [1]
     assert registry["champion"] == 1
     assert not (project.path / "mlflow.db").exists()
+
+
+def test_mlflow_ui_session_serves_the_project_store(trained: Project) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nox", "-s", "mlflow-ui", "--", str(port)],
+        cwd=trained.path,
+        env=trained.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(url, proc)
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/registered-models/get?name={MODEL_NAME}"
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            model = json.load(answer)["registered_model"]
+        assert {a["alias"] for a in model.get("aliases", [])} >= {"champion"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
