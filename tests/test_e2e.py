@@ -176,6 +176,11 @@ def test_worse_model_is_registered_but_not_promoted(trained: Project) -> None:
     gate = trained.json("metrics/gate.json")
     assert gate["decision"] == "not_promoted", gate
     assert "NOT PROMOTED" in result.stdout + result.stderr
+    # `nox -s evaluate` re-runs the gate alone: same decision, no new version.
+    again = trained.nox("evaluate")
+    assert "Running stage 'train'" not in again.stdout + again.stderr
+    assert "NOT PROMOTED" in again.stdout + again.stderr
+    assert trained.registry()["versions"] == [1, 2]
 
 
 def test_killed_training_resumes_to_the_configured_epochs(pristine: Project, tmp_path: Path):
