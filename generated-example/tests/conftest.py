@@ -25,7 +25,6 @@ FAST_PARAMS: dict[str, Any] = {
         "target": "label",
         "features": "all",
         "missing": "error",
-        "processed_dir": "data/processed",
     },
     "model": {"hidden_sizes": [16]},
     "train": {"device": "cpu", "epochs": 3, "batch_size": 32, "patience": 0},

@@ -24,6 +24,8 @@ from .config import ProjectError, cli_errors, get_param, load_params
 
 SPLITS = ("train", "val", "test")
 SCHEMA_FILE = "schema.json"
+# Fixed, like the stage outputs declared in dvc.yaml.
+PROCESSED_DIR = Path("data/processed")
 FIX_COLUMNS = "edit data.raw_path / data.target / data.features in params.yaml"
 FIX_PREPARE = f"run `dvc repro prepare` (or `python -m {__package__}.data`)"
 
@@ -43,7 +45,7 @@ class Schema:
     def save(self, path: str | Path, **metadata: Any) -> None:
         """Write the schema plus free-form ``metadata`` (row counts, hashes) as JSON."""
         text = json.dumps({**asdict(self), **metadata}, indent=2) + "\n"
-        _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> Schema:
@@ -259,7 +261,7 @@ def split_frame(
     return train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write through a temporary file in the same folder, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -285,7 +287,7 @@ def prepare(params: dict[str, Any]) -> Schema:
     target = str(get_param(params, "data.target"))
     features = get_param(params, "data.features", "all")
     missing = get_param(params, "data.missing", "error")
-    out_dir = Path(get_param(params, "data.processed_dir", "data/processed"))
+    out_dir = PROCESSED_DIR
     stratify = bool(get_param(params, "split.stratify", True))
     try:
         seed = int(get_param(params, "seed"))
@@ -306,7 +308,7 @@ def prepare(params: dict[str, Any]) -> Schema:
     )
 
     for name, part in parts.items():
-        _atomic_write(
+        atomic_write(
             out_dir / f"{name}.parquet", lambda tmp, p=part: p.to_parquet(tmp, index=False)
         )
     rows = {name: len(part) for name, part in parts.items()}
@@ -325,9 +327,7 @@ def prepare(params: dict[str, Any]) -> Schema:
     return schema
 
 
-def load_frame(
-    name: str, processed_dir: str | Path = "data/processed"
-) -> tuple[pd.DataFrame, Schema]:
+def load_frame(name: str, processed_dir: str | Path = PROCESSED_DIR) -> tuple[pd.DataFrame, Schema]:
     """Read one prepared split as a DataFrame, with the schema it was written with."""
     if name not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {name!r}")
@@ -360,7 +360,7 @@ def to_arrays(df: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np.ndarray]
 
 
 def load_split(
-    name: str, processed_dir: str | Path = "data/processed"
+    name: str, processed_dir: str | Path = PROCESSED_DIR
 ) -> tuple[np.ndarray, np.ndarray, Schema]:
     """Load a prepared split as ``(x float32 [N, F], y int64 [N], schema)``."""
     df, schema = load_frame(name, processed_dir)

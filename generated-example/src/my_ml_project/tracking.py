@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import get_param
-from .data import _atomic_write
+from .data import atomic_write
 from .model import save_model
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ def ending(tracker: Tracker | None) -> Iterator[None]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 def write_outputs(result: FitResult, ctx: DistContext) -> dict[str, float]:

@@ -32,7 +32,7 @@ from sklearn import metrics as skm
 
 from . import registry
 from .config import ProjectError, cli_errors, get_param, load_params
-from .data import DataError, load_split
+from .data import PROCESSED_DIR, DataError, load_split
 from .model import TabularClassifier, load_model
 
 MODEL_PATH = Path("models/model.pt")
@@ -328,7 +328,7 @@ def evaluate(params: dict[str, Any]) -> Decision:
     """Score models/model.pt on the test split, write the outputs, and run the gate."""
     metric, min_score, margin = gate_params(params)
     info = read_run_info()
-    processed_dir = get_param(params, "data.processed_dir", "data/processed")
+    processed_dir = PROCESSED_DIR
     x, y, schema = load_split("test", processed_dir)
     model = load_model(MODEL_PATH)
     if list(model.feature_names) != schema.features or list(model.class_names) != schema.classes:

@@ -46,7 +46,7 @@ from .checkpoint import (
     save,
 )
 from .config import ProjectError, cli_errors, get_param, load_params
-from .data import SCHEMA_FILE, Schema, file_md5, load_split
+from .data import PROCESSED_DIR, SCHEMA_FILE, Schema, file_md5, load_split
 from .distributed import (
     DistContext,
     all_reduce_sum,
@@ -128,7 +128,7 @@ class TrainData:
     md5: dict[str, str]
 
 
-def load_data(processed_dir: str | Path = "data/processed") -> TrainData:
+def load_data(processed_dir: str | Path = PROCESSED_DIR) -> TrainData:
     """Load the train and val splits written by the prepare stage."""
     folder = Path(processed_dir)
     x_train, y_train, schema = load_split("train", folder)
@@ -505,7 +505,7 @@ def run(
     )
     try:
         seed_everything(seed, ctx.device)
-        data = load_data(get_param(params, "data.processed_dir", "data/processed"))
+        data = load_data()
         fp = fingerprint(params, data, ctx.world_size)
         model = build_model(data.schema, params.get("model") or {}, data.x_train)
         torch.manual_seed(seed + ctx.rank)  # same init everywhere, own dropout masks per rank
