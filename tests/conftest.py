@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e import Project
 from helpers import render
 
 TEMPLATE = Path(__file__).resolve().parents[1]
@@ -31,3 +32,20 @@ def render_project(tmp_path: Path) -> Render:
         return render(tmp_path / f"project{count}", tasks=tasks, pretend=pretend, **answers)
 
     return _render
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """The default project, copied with its post-copy tasks, its environment installed once."""
+    path = render(tmp_path_factory.mktemp("e2e") / "my-ml-project", tasks=True)
+    project = Project(path, path / ".venv")
+    project.nox("install")
+    return project
+
+
+@pytest.fixture(scope="session")
+def trained(pristine: Project, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """A copy of ``pristine`` after ``nox -s train``: a champion in its MLflow store."""
+    project = pristine.copy(tmp_path_factory.mktemp("trained") / "my-ml-project")
+    project.nox("train")
+    return project
