@@ -1,18 +1,17 @@
 """DVC stage ``prepare``: validate the raw CSV, split it, write parquet files and the schema.
 
 Run it as ``python -m <package>.data`` from the project root. Reads the ``seed``, ``data`` and
-``split`` sections of params.yaml.
+``split`` sections of params.yaml. Later stages load the splits through :func:`load_split` and
+:func:`load_train_data`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import ProjectError, cli_errors, get_param, load_params
+from .config import DataParams, Params, ProjectError, SplitParams, cli_errors, load_params
+from .fileio import atomic_write, atomic_write_text, file_md5
 
 SPLITS = ("train", "val", "test")
 SCHEMA_FILE = "schema.json"
@@ -44,8 +44,7 @@ class Schema:
 
     def save(self, path: str | Path, **metadata: Any) -> None:
         """Write the schema plus free-form ``metadata`` (row counts, hashes) as JSON."""
-        text = json.dumps({**asdict(self), **metadata}, indent=2) + "\n"
-        atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write_text(path, json.dumps({**asdict(self), **metadata}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Schema:
@@ -163,10 +162,6 @@ def _check_numeric(df: pd.DataFrame, features: list[str], exp: _Expect) -> None:
 
 
 def _handle_missing(df: pd.DataFrame, used: list[str], missing: str, exp: _Expect) -> pd.DataFrame:
-    if missing not in ("error", "drop"):
-        raise exp.error(
-            f"data.missing must be 'error' or 'drop', not {missing!r}", "fix params.yaml"
-        )
     # Infinite values break training just like NaN, so they count as missing.
     bad = df[used].isna() | df[used].isin([np.inf, -np.inf])
     bad_rows = bad.any(axis=1)
@@ -209,17 +204,6 @@ def read_raw(
     return df
 
 
-def _check_sizes(val_size: float, test_size: float) -> None:
-    for name, size in (("split.val_size", val_size), ("split.test_size", test_size)):
-        if not 0 < size < 1:
-            raise DataError(f"{name} must be between 0 and 1, not {size!r}: fix params.yaml")
-    if val_size + test_size >= 1:
-        raise DataError(
-            f"split.val_size + split.test_size = {val_size + test_size:g} leaves no training rows: "
-            "make their sum smaller than 1 in params.yaml"
-        )
-
-
 def _check_class_sizes(df: pd.DataFrame, val_size: float, test_size: float, exp: _Expect) -> None:
     """Fail clearly unless a stratified split can give every split at least one row per class."""
     needed = max(3, math.ceil(1 / min(val_size, test_size)))
@@ -245,7 +229,6 @@ def split_frame(
     """Split into train/val/test (fractions of the whole), stratified on the target if asked."""
     from sklearn.model_selection import train_test_split
 
-    _check_sizes(val_size, test_size)
     # Row counts, not fractions: the second split's fraction of the rest would round unevenly.
     n_test = max(1, round(test_size * len(df)))
     n_val = max(1, round(val_size * len(df)))
@@ -261,63 +244,34 @@ def split_frame(
     return train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True)
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def file_md5(path: str | Path) -> str:
-    """MD5 of a file, the hash DVC uses too."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def prepare(params: dict[str, Any]) -> Schema:
+def prepare(params: Params) -> Schema:
     """Validate the raw CSV, split it, write the parquet splits and schema.json."""
-    raw_path = Path(get_param(params, "data.raw_path"))
-    target = str(get_param(params, "data.target"))
-    features = get_param(params, "data.features", "all")
-    missing = get_param(params, "data.missing", "error")
-    out_dir = PROCESSED_DIR
-    stratify = bool(get_param(params, "split.stratify", True))
-    try:
-        seed = int(get_param(params, "seed"))
-        val_size = float(get_param(params, "split.val_size"))
-        test_size = float(get_param(params, "split.test_size"))
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"seed and split.*_size in params.yaml must be numbers ({exc})") from None
-    _check_sizes(val_size, test_size)
-
-    df = read_raw(raw_path, target, features, missing)
-    if stratify:
-        _check_class_sizes(df, val_size, test_size, _Expect(raw_path, target, features))
+    data: DataParams = params.data
+    split: SplitParams = params.split
+    raw_path, target, out_dir = Path(data.raw_path), data.target, PROCESSED_DIR
+    df = read_raw(raw_path, target, data.features, data.missing)
+    if split.stratify:
+        expect = _Expect(raw_path, target, data.features)
+        _check_class_sizes(df, split.val_size, split.test_size, expect)
     parts = dict(
-        zip(SPLITS, split_frame(df, target, val_size, test_size, seed, stratify), strict=True)
+        zip(
+            SPLITS,
+            split_frame(df, target, split.val_size, split.test_size, params.seed, split.stratify),
+            strict=True,
+        )
     )
     schema = Schema(
         features=list(df.columns[:-1]), target=target, classes=sorted(df[target].unique())
     )
-
     for name, part in parts.items():
-        atomic_write(
-            out_dir / f"{name}.parquet", lambda tmp, p=part: p.to_parquet(tmp, index=False)
-        )
+        atomic_write(out_dir / f"{name}.parquet", lambda fh, p=part: p.to_parquet(fh, index=False))
     rows = {name: len(part) for name, part in parts.items()}
     schema.save(
         out_dir / SCHEMA_FILE,
         rows=rows,
         class_counts={str(k): int(v) for k, v in df[target].value_counts().sort_index().items()},
         raw={"path": raw_path.as_posix(), "md5": file_md5(raw_path), "rows_used": len(df)},
-        seed=seed,
+        seed=params.seed,
     )
     print(
         f"prepared {len(df)} rows from {raw_path}: {len(schema.features)} features, "
@@ -366,6 +320,33 @@ def load_split(
     df, schema = load_frame(name, processed_dir)
     x, y = to_arrays(df, schema)
     return x, y, schema
+
+
+@dataclass
+class TrainData:
+    """Prepared train/val arrays, their schema, and the md5 of each file (as DVC computes it)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    schema: Schema
+    md5: dict[str, str]
+
+
+def load_train_data(processed_dir: str | Path = PROCESSED_DIR) -> TrainData:
+    """Load the train and val splits written by the prepare stage, with their hashes."""
+    folder = Path(processed_dir)
+    x_train, y_train, schema = load_split("train", folder)
+    x_val, y_val, _ = load_split("val", folder)
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise ProjectError(f"{folder}: the train or val split is empty: use more data")
+    md5 = {name: file_md5(folder / f"{name}.parquet") for name in ("train", "val")}
+    md5["schema"] = file_md5(folder / SCHEMA_FILE)
+    raw = json.loads((folder / SCHEMA_FILE).read_text(encoding="utf-8")).get("raw")
+    if isinstance(raw, dict) and raw.get("md5"):
+        md5["raw"] = str(raw["md5"])
+    return TrainData(x_train, y_train, x_val, y_val, schema, md5)
 
 
 @cli_errors

@@ -6,8 +6,6 @@ it feeds raw feature values, in the units of the training data, and nothing else
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ProjectError
+from .config import ModelParams, ProjectError
+from .fileio import atomic_write
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -91,58 +90,25 @@ class TabularClassifier(nn.Module):
         }
 
 
-def _model_params(model_params: dict[str, Any]) -> tuple[list[int], float]:
-    hidden = model_params.get("hidden_sizes", [64, 32])
-    dropout = model_params.get("dropout", 0.0)
-    if not isinstance(hidden, list) or not all(
-        isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden
-    ):
-        raise ProjectError(
-            f"model.hidden_sizes must be a list of positive integers (e.g. [64, 32]), "
-            f"not {hidden!r}: fix params.yaml"
-        )
-    if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise ProjectError(
-            f"model.dropout must be a number in [0, 1), not {dropout!r}: fix params.yaml"
-        )
-    return hidden, float(dropout)
-
-
-def build_model(
-    schema: Schema, model_params: dict[str, Any], x_train: np.ndarray
-) -> TabularClassifier:
+def build_model(schema: Schema, params: ModelParams, x_train: np.ndarray) -> TabularClassifier:
     """A fresh model for ``schema``, normalising with the mean/std of the training features."""
-    hidden, dropout = _model_params(model_params)
     # float64 sums: float32 loses digits on large columns (areas ~1e3) over many rows.
     x = np.asarray(x_train, dtype=np.float64)
     return TabularClassifier(
         schema.features,
         schema.classes,
-        hidden_sizes=hidden,
-        dropout=dropout,
+        hidden_sizes=params.hidden_sizes,
+        dropout=params.dropout,
         mean=torch.from_numpy(x.mean(axis=0)),
         std=torch.from_numpy(x.std(axis=0)),
     )
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_model(model: TabularClassifier, path: str | Path) -> None:
     """Save ``{"config", "state_dict"}`` (CPU tensors) atomically."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save({"config": model.config(), "state_dict": state}, path)
+    saved = {"config": model.config(), "state_dict": state}
+    atomic_write(path, lambda fh: torch.save(saved, fh))
 
 
 def load_model(path: str | Path) -> TabularClassifier:
@@ -162,7 +128,11 @@ def load_model(path: str | Path) -> TabularClassifier:
 
 
 def frame_to_tensor(model: TabularClassifier, df: pd.DataFrame) -> torch.Tensor:
-    """The model's feature columns of ``df``, in the model's order, as float32 ``[N, F]``."""
+    """The model's feature columns of ``df``, by name and in the model's order, float32 ``[N, F]``.
+
+    Extra columns are ignored, so a model is scored on any frame that holds its features (the
+    gate scores the champion this way on the candidate's test split).
+    """
     missing = [f for f in model.feature_names if f not in df.columns]
     if missing:
         raise ModelInputError(
