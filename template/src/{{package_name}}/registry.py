@@ -356,14 +356,27 @@ def set_version_tags(model_name: str, version: str, tags: dict[str, Any]) -> Non
 
 
 def load_version(model_name: str, version: str) -> TabularClassifier:
-    """Load a registered version on the CPU, in eval mode."""
+    """Load a registered version on the CPU, in eval mode (no progress bar: the gate's output
+    is one line)."""
     import mlflow
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 
-    # A download folder of our own, removed afterwards: MLflow's default one is never deleted.
-    with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
-        model = mlflow.pytorch.load_model(
-            f"models:/{model_name}/{version}", dst_path=tmp, map_location="cpu"
-        )
+    bar = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+    os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"
+    try:
+        # A download folder of our own, removed afterwards: MLflow's default one is never deleted.
+        with (
+            _quiet("mlflow.store.artifact"),
+            tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp,
+        ):
+            model = mlflow.pytorch.load_model(
+                f"models:/{model_name}/{version}", dst_path=tmp, map_location="cpu"
+            )
+    finally:
+        if bar is None:
+            os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
+        else:
+            os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = bar
     return model.eval()
 
 
