@@ -88,13 +88,16 @@ def gitignore_entry(name: str) -> str:
     return "/" + "".join(f"\\{c}" if c in "\\[]!*#?" else c for c in name)
 
 
-def with_line(text: str, line: str) -> str:
-    """Return ``text`` with ``line`` appended unless it is already one of its lines."""
-    if line in text.splitlines():
-        return text
-    if text and not text.endswith("\n"):
-        text += "\n"
-    return f"{text}{line}\n"
+def gitignore_addition(text: str, entry: str) -> str:
+    """Return what DVC appends to a .gitignore holding ``text`` to add ``entry`` ('' if there).
+
+    ``text`` is read in text mode (newlines as "\\n"); a last line without one gets one first.
+    DVC adds nothing when git already ignores the file; here, only the entry itself counts.
+    """
+    if entry in text.split("\n"):
+        return ""
+    prefix = "\n" if text and not text.endswith("\n") else ""
+    return f"{prefix}{entry}\n"
 
 
 # --- DVC: effects -----------------------------------------------------------------------------
@@ -137,9 +140,9 @@ def track_dataset(root: Path, dataset: str) -> str:
         dvc_file.write_text(text, encoding="utf-8")
     ignore = data.parent / ".gitignore"
     old = ignore.read_text(encoding="utf-8") if ignore.exists() else ""
-    new = with_line(old, gitignore_entry(data.name))
-    if new != old:
-        ignore.write_text(new, encoding="utf-8")
+    if addition := gitignore_addition(old, gitignore_entry(data.name)):
+        with ignore.open("a", encoding="utf-8") as f:  # appends as DVC does, newlines included
+            f.write(addition)
         changed = True
     return f"{dataset}: {'tracked with DVC' if changed else 'already tracked'} (md5 {md5})"
 

@@ -125,10 +125,11 @@ def test_gitignore_entry_ignores_exactly_that_file(tmp_path: Path, name: str) ->
     assert ignored.stdout.splitlines() == [name]
 
 
-def test_with_line_adds_once() -> None:
-    assert hook.with_line("", "/a") == "/a\n"
-    assert hook.with_line("/b", "/a") == "/b\n/a\n"
-    assert hook.with_line("/a\n/b\n", "/a") == "/a\n/b\n"
+def test_gitignore_addition_adds_once() -> None:
+    assert hook.gitignore_addition("", "/a") == "/a\n"
+    assert hook.gitignore_addition("/b", "/a") == "\n/a\n"
+    assert hook.gitignore_addition("/a\n/b\n", "/a") == ""
+    assert hook.gitignore_addition("/b\n/a", "/a") == ""
 
 
 @pytest.mark.parametrize(
@@ -187,7 +188,8 @@ ODD_CONTENTS = {
     "md5 an int": b"682577\n",  # 61230315635059227299115225839792
     "md5 a float": b"574565\n",  # 630334416415623642455915400846e6
 } | {name: name.encode() for name in ODD_NAMES}
-PRIOR_GITIGNORE = b"/kept"  # no newline at the end: DVC adds one before its entries
+# A user's .gitignore, CRLF and no newline at the end: DVC appends to it (a newline first).
+PRIOR_GITIGNORE = b"/kept\r\n/also"
 
 
 def tracked_twice(root: Path) -> tuple[Path, Path]:
