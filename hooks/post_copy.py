@@ -2,9 +2,10 @@
 
 Copier runs this with its own Python, often from an isolated tool environment (`uvx copier`),
 where neither DVC nor the project's packages can be imported. So it uses the standard library
-only, writes DVC's files itself exactly as `dvc add` would (DVC 3: plain md5 of the bytes), and
-needs nothing but `git` on PATH. The template already renders `.dvc/config`, `.dvc/.gitignore`
-and `.dvcignore`, the files `dvc init` creates.
+only, writes DVC's files itself byte for byte as `dvc add` would (DVC 3: plain md5 of the bytes;
+the `.dvc` file as DVC's ruamel.yaml dumps it, see ruamel_scalar.py), and needs nothing but `git`
+on PATH. The template already renders `.dvc/config`, `.dvc/.gitignore` and `.dvcignore`, the
+files `dvc init` creates.
 
 Run again, it changes nothing: a tracked dataset and a repository with commits are left alone.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -23,6 +23,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+# The helper module beside this file; its folder is on sys.path when run as a script, but not
+# under `python -P` / PYTHONSAFEPATH or when a test loads this file by path.
+if str(HERE := Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import ruamel_scalar
 
 DEFAULT_DATASET = "data/raw/breast_cancer.csv"
 COMMIT_MESSAGE = "Initial commit from mlops-template"
@@ -33,12 +39,6 @@ CHUNK = 1 << 20
 # Set when copier itself runs under git (a hook, pre-commit): they would point git elsewhere.
 REPO_LOCATION_VARS = frozenset(
     {"GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_COMMON_DIR"}
-)
-# Strings safe to write unquoted in YAML; others (and numbers, booleans) get quoted, as DVC's
-# YAML writer does. A JSON string is a valid YAML string.
-PLAIN_YAML = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-NOT_A_STRING = re.compile(
-    r"^([-+]?[0-9_.]+([eE][-+]?[0-9]+)?|y|n|yes|no|on|off|true|false|null)$", re.IGNORECASE
 )
 KEEP_PROJECT = (
     "copier deletes a new project when a task fails: pass --no-cleanup to keep it, "
@@ -69,17 +69,12 @@ def cache_path(md5: str, cache_dir: Path = Path(".dvc/cache")) -> Path:
 
 def dvc_file_text(md5: str, size: int, name: str) -> str:
     """Return the text `dvc add` writes to ``<name>.dvc`` (``name`` relative to that file)."""
+    # Each value follows its key's colon at that column; folded lines start at column 4.
     return (
-        f"outs:\n- md5: {yaml_string(md5)}\n  size: {size}\n  hash: md5\n"
-        f"  path: {yaml_string(name)}\n"
+        f"outs:\n- md5:{ruamel_scalar.scalar(md5, column=6, indent=4)}\n"
+        f"  size: {size}\n  hash: md5\n"
+        f"  path:{ruamel_scalar.scalar(name, column=7, indent=4)}\n"
     )
-
-
-def yaml_string(value: str) -> str:
-    """Return ``value`` as a YAML string scalar: plain where that reads back as the string."""
-    if PLAIN_YAML.match(value) and not NOT_A_STRING.match(value):
-        return value
-    return json.dumps(value)
 
 
 def read_dvc_md5(text: str) -> str | None:
@@ -93,13 +88,16 @@ def gitignore_entry(name: str) -> str:
     return "/" + "".join(f"\\{c}" if c in "\\[]!*#?" else c for c in name)
 
 
-def with_line(text: str, line: str) -> str:
-    """Return ``text`` with ``line`` appended unless it is already one of its lines."""
-    if line in text.splitlines():
-        return text
-    if text and not text.endswith("\n"):
-        text += "\n"
-    return f"{text}{line}\n"
+def gitignore_addition(text: str, entry: str) -> str:
+    """Return what DVC appends to a .gitignore holding ``text`` to add ``entry`` ('' if there).
+
+    ``text`` is read in text mode (newlines as "\\n"); a last line without one gets one first.
+    DVC adds nothing when git already ignores the file; here, only the entry itself counts.
+    """
+    if entry in text.split("\n"):
+        return ""
+    prefix = "\n" if text and not text.endswith("\n") else ""
+    return f"{prefix}{entry}\n"
 
 
 # --- DVC: effects -----------------------------------------------------------------------------
@@ -142,9 +140,9 @@ def track_dataset(root: Path, dataset: str) -> str:
         dvc_file.write_text(text, encoding="utf-8")
     ignore = data.parent / ".gitignore"
     old = ignore.read_text(encoding="utf-8") if ignore.exists() else ""
-    new = with_line(old, gitignore_entry(data.name))
-    if new != old:
-        ignore.write_text(new, encoding="utf-8")
+    if addition := gitignore_addition(old, gitignore_entry(data.name)):
+        with ignore.open("a", encoding="utf-8") as f:  # appends as DVC does, newlines included
+            f.write(addition)
         changed = True
     return f"{dataset}: {'tracked with DVC' if changed else 'already tracked'} (md5 {md5})"
 

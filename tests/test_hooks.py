@@ -6,7 +6,9 @@ import configparser
 import hashlib
 import importlib.util
 import os
+import random
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -103,25 +105,6 @@ def test_dvc_file_text_is_what_dvc_add_writes() -> None:
     assert hook.read_dvc_md5(text) == "e6529e621f438c3873f9c263ee667ef5"
 
 
-@pytest.mark.parametrize(
-    ("md5", "name"),
-    [
-        ("e6529e621f438c3873f9c263ee667ef5", "my data.csv"),
-        ("e6529e621f438c3873f9c263ee667ef5", "a: b.csv"),
-        ("e6529e621f438c3873f9c263ee667ef5", "#x.csv"),
-        ("e6529e621f438c3873f9c263ee667ef5", "yes"),
-        ("e6529e621f438c3873f9c263ee667ef5", "1.5"),
-        ("e6529e621f438c3873f9c263ee667ef5", "-x.csv"),
-        ("01234567890123456789012345678901", "x.csv"),  # an md5 that reads as a number
-        ("12e45678901234567890123456789012", "x.csv"),
-    ],
-)
-def test_dvc_file_text_reads_back_as_strings(md5: str, name: str) -> None:
-    text = hook.dvc_file_text(md5, 1, name)
-    assert yaml.safe_load(text)["outs"] == [{"md5": md5, "size": 1, "hash": "md5", "path": name}]
-    assert hook.read_dvc_md5(text) == md5
-
-
 def test_read_dvc_md5_without_md5() -> None:
     assert hook.read_dvc_md5("outs:\n- path: x\n") is None
 
@@ -142,10 +125,11 @@ def test_gitignore_entry_ignores_exactly_that_file(tmp_path: Path, name: str) ->
     assert ignored.stdout.splitlines() == [name]
 
 
-def test_with_line_adds_once() -> None:
-    assert hook.with_line("", "/a") == "/a\n"
-    assert hook.with_line("/b", "/a") == "/b\n/a\n"
-    assert hook.with_line("/a\n/b\n", "/a") == "/a\n/b\n"
+def test_gitignore_addition_adds_once() -> None:
+    assert hook.gitignore_addition("", "/a") == "/a\n"
+    assert hook.gitignore_addition("/b", "/a") == "\n/a\n"
+    assert hook.gitignore_addition("/a\n/b\n", "/a") == ""
+    assert hook.gitignore_addition("/b\n/a", "/a") == ""
 
 
 @pytest.mark.parametrize(
@@ -176,6 +160,115 @@ def test_not_a_dvc_project_is_a_clear_error(tmp_path: Path, capsys) -> None:
     (tmp_path / "x.csv").write_text("a\n1\n")
     assert hook.main(["--project-dir", str(tmp_path), "--dataset", "x.csv"]) == 1
     assert "not a DVC project" in capsys.readouterr().err
+
+
+# --- the hook against real `dvc add` ---------------------------------------------------------
+
+# Names that `dvc add` writes in every style DVC's YAML dumper has: plain, single- or
+# double-quoted, escaped, and folded past 80 columns; each file holds its own name.
+ODD_NAMES = [
+    *("my data.csv", "a:b", "it's.csv", 'say "hi".csv', "back\\slash", "star*?.csv", ".hidden"),
+    *("yes", "no", "on", "off", "y", "null", "Null", "~", "true", "False", "=", "<<"),
+    *("1.5", "1e3", "0x1f", "0o17", "1_000", "-1", ".5", ".inf", ".nan", "2024-01-01"),
+    *("-x.csv", "- dash", "#x.csv", "a #b", "a: b.csv", ": c", "? q", "! bang", "@at"),
+    *("%pct", "&amp", "*star", "|bar", ">gt", "`tick`", "[x].csv", "{x}", "a, b", "---x"),
+    *("...x", " lead", "trail ", "tab\tx", "bell\x07", "nbsp\xa0x", "line\u2028sep", "café.csv"),
+    *("日本語.csv", "emoji😀.csv", "bom\ufeff"),
+    # Folded over several lines: plain, single-quoted, double-quoted (with and without "\\").
+    *("word " * 30 + "x", "#" + "word " * 30, "'q' " + "word " * 30, "tab\t " + "word  " * 30),
+    # Either side of the 80-column limit, in each style.
+    *(f"{'a' * n} bbbbb" for n in (71, 72, 73)),
+    *(f"#{'a' * n} bbbbb" for n in (70, 71)),
+    *(f"'{'a' * n} bbbbb" for n in (70, 71)),
+    *(f"\t{'a' * n}  bbbbb" for n in (68, 69, 70)),
+    *("x" * 72, "x" * 73),  # a word too long for the line gets a line of its own
+]
+# Contents whose md5 reads as a number, so DVC quotes the md5 too.
+ODD_CONTENTS = {
+    "md5 an int": b"682577\n",  # 61230315635059227299115225839792
+    "md5 a float": b"574565\n",  # 630334416415623642455915400846e6
+} | {name: name.encode() for name in ODD_NAMES}
+# A user's .gitignore, CRLF and no newline at the end: DVC appends to it (a newline first).
+PRIOR_GITIGNORE = b"/kept\r\n/also"
+
+
+def tracked_twice(root: Path) -> tuple[Path, Path]:
+    """Track ODD_CONTENTS under ``root``/dvc with real `dvc add`, under ``root``/hook with the hook.
+
+    DVC comes from the test environment (`dvc` is in the test dependency group).
+    """
+    by_dvc, by_hook = root / "dvc", root / "hook"
+    for project in (by_dvc, by_hook):
+        (project / "data").mkdir(parents=True)
+        (project / "data" / ".gitignore").write_bytes(PRIOR_GITIGNORE)
+        for name, content in ODD_CONTENTS.items():
+            (project / "data" / name).write_bytes(content)
+    env = os.environ | {"DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(root / "site")}
+
+    def dvc(*args: str) -> None:
+        command = [sys.executable, "-m", "dvc", *args]
+        result = subprocess.run(
+            command, cwd=by_dvc, env=env, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, f"dvc {args[0]}: {result.stderr}"
+
+    git(by_dvc, "init", "--quiet")
+    dvc("init", "--quiet")
+    dvc("add", "--quiet", "--", *(f"data/{name}" for name in ODD_CONTENTS))
+    (by_hook / ".dvc").mkdir()
+    for name in ODD_CONTENTS:
+        hook.track_dataset(by_hook, f"data/{name}")
+    return by_dvc, by_hook
+
+
+@pytest.fixture(scope="module")
+def odd_tracked(tmp_path_factory) -> tuple[Path, Path]:
+    return tracked_twice(tmp_path_factory.mktemp("odd"))
+
+
+@pytest.mark.parametrize("name", ODD_CONTENTS)
+def test_dvc_file_is_what_dvc_add_writes(odd_tracked, name: str) -> None:
+    by_dvc, by_hook = odd_tracked
+    dvc_file = Path("data", f"{name}.dvc")
+    assert (by_hook / dvc_file).read_bytes() == (by_dvc / dvc_file).read_bytes()
+
+
+def test_gitignore_is_what_dvc_add_writes(odd_tracked) -> None:
+    by_dvc, by_hook = odd_tracked
+    written = (by_hook / "data" / ".gitignore").read_bytes()
+    assert written == (by_dvc / "data" / ".gitignore").read_bytes()
+    assert written.startswith(PRIOR_GITIGNORE + b"\n/")
+
+
+def test_cache_is_what_dvc_add_leaves(odd_tracked) -> None:
+    """Same files, bytes and modes (read-only) under .dvc/cache/files."""
+
+    def cache(project: Path) -> dict[Path, tuple[bytes, int]]:
+        files = project / ".dvc" / "cache" / "files"
+        return {
+            p.relative_to(files): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
+            for p in files.rglob("*")
+            if p.is_file()
+        }
+
+    by_dvc, by_hook = odd_tracked
+    assert cache(by_hook) == cache(by_dvc)
+    assert len(cache(by_hook)) == len(ODD_CONTENTS)
+
+
+def test_dvc_file_text_is_what_dvcs_dumper_writes() -> None:
+    """Random names and md5s through DVC's own YAML dumper, beyond the table above."""
+    from dvc.utils.serialize import dumps_yaml
+
+    pieces = [*" \t'\"\\:#-?!&*,[]{}|>%@`~=<.0129eExabnoyNTF\x07\x85\xa0\u2028\ufeffé日😀"]
+    pieces += ["  ", "word ", "---", "...", "0x", ".inf", "null", "true", "2024-01-01"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        name = "".join(rng.choices(pieces, k=rng.choice([1, 2, 3, 8, 30, 60])))
+        hexdigits = "0123456789e" if rng.random() < 0.5 else "0123456789abcdef"  # numbers too
+        md5 = "".join(rng.choices(hexdigits, k=32))
+        data = {"outs": [{"md5": md5, "size": 1, "hash": "md5", "path": name}]}
+        assert hook.dvc_file_text(md5, 1, name) == dumps_yaml(data), repr(name)
 
 
 # --- on rendered projects ---------------------------------------------------------------------
@@ -216,7 +309,7 @@ def test_dataset_tracked_by_dvc_not_git(generated: Path) -> None:
     assert outs == [{"md5": md5, "size": data.stat().st_size, "hash": "md5", "path": data.name}]
     cached = generated / hook.cache_path(md5)
     assert cached.read_bytes() == data.read_bytes()
-    assert not os.access(cached, os.W_OK) or os.geteuid() == 0  # read-only, as DVC leaves it
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o444  # read-only, as DVC leaves it
     committed = git(generated, "ls-files").splitlines()
     assert f"{DATASET}.dvc" in committed
     assert DATASET not in committed
