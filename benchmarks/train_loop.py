@@ -8,7 +8,7 @@ project whose pipeline has prepared the data, with that project's environment:
     cd build/demo && .venv/bin/python ../../benchmarks/train_loop.py --epochs 60 --reps 5
     .venv/bin/python ../../benchmarks/train_loop.py --scale 20   # 20x the rows
 
-``fit`` is measured twice: with its per-epoch checkpoint (what `dvc repro` runs) and without.
+``fit`` is measured with a checkpoint every epoch, every 10 epochs, and none.
 """
 
 from __future__ import annotations
@@ -36,6 +36,39 @@ def _package() -> str:
     return Path(wheel["targets"]["wheel"]["packages"][0]).name
 
 
+def _modules() -> dict[str, object]:
+    pkg = _package()
+    return {m: importlib.import_module(f"{pkg}.{m}") for m in ("config", "data", "loop", "model")}
+
+
+def bare_loop(data: object, params: object, epochs: int) -> float:
+    """Samples/s of the plainest PyTorch loop over the same model, data and batch size."""
+    model_mod = importlib.import_module(f"{_package()}.model")
+    cfg = params.train
+    torch.manual_seed(0)
+    model = model_mod.build_model(data.schema, params.model, data.x_train)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return len(y) * epochs / (time.perf_counter() - start)
+
+
+def bare_loop_samples_per_s() -> float:
+    """The bare loop on the project's prepared data and params (used by pipeline.py)."""
+    mods = _modules()
+    params = mods["config"].load_params()
+    return bare_loop(mods["data"].load_train_data(), params, params.train.epochs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
@@ -43,56 +76,44 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1, help="repeat the training rows N times")
     args = parser.parse_args()
 
-    pkg = _package()
-    config = importlib.import_module(f"{pkg}.config")
-    distributed = importlib.import_module(f"{pkg}.distributed")
-    model_mod = importlib.import_module(f"{pkg}.model")
-    train = importlib.import_module(f"{pkg}.train")
-
-    params = config.load_params()
-    data = train.load_data()
+    mods = _modules()
+    params = mods["config"].load_params()
+    data = mods["data"].load_train_data()
     if args.scale > 1:
         data = dataclasses.replace(
             data,
             x_train=np.tile(data.x_train, (args.scale, 1)),
             y_train=np.tile(data.y_train, args.scale),
         )
-    cfg = dataclasses.replace(train.TrainConfig.from_params(params), epochs=args.epochs, patience=0)
-    ctx = distributed.DistContext(0, 1, 0, torch.device("cpu"))
+    cfg = params.train.model_copy(update={"epochs": args.epochs, "patience": 0})
+    ctx = importlib.import_module(f"{_package()}.distributed").DistContext(
+        0, 1, 0, torch.device("cpu")
+    )
     samples = len(data.y_train) * args.epochs
 
-    def bare() -> float:
-        torch.manual_seed(0)
-        model = model_mod.build_model(data.schema, params["model"], data.x_train)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-        start = time.perf_counter()
-        for _ in range(args.epochs):
-            model.train()
-            perm = torch.randperm(len(y))
-            for i in range(0, len(y), cfg.batch_size):
-                idx = perm[i : i + cfg.batch_size]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        return samples / (time.perf_counter() - start)
-
-    def ours(checkpoint: Path | None) -> Callable[[], float]:
+    def ours(checkpoint: Path | None, every: int = 1) -> Callable[[], float]:
         def go() -> float:
-            train.seed_everything(42)
-            model = model_mod.build_model(data.schema, params["model"], data.x_train)
+            torch.manual_seed(42)
+            model = mods["model"].build_model(data.schema, params.model, data.x_train)
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):
-                train.fit(model, data, cfg, ctx=ctx, seed=42, checkpoint=checkpoint)
+                mods["loop"].fit(
+                    model,
+                    data,
+                    cfg.model_copy(update={"checkpoint_every": every}),
+                    ctx=ctx,
+                    seed=42,
+                    checkpoint=checkpoint,
+                )
             return samples / (time.perf_counter() - start)
 
         return go
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
-            "bare PyTorch loop": bare,
+            "bare PyTorch loop": lambda: bare_loop(data, params, args.epochs),
             "fit, checkpoint every epoch": ours(Path(tmp) / "last.pt"),
+            "fit, checkpoint every 10": ours(Path(tmp) / "last.pt", 10),
             "fit, no checkpoint": ours(None),
         }
         results: dict[str, list[float]] = {name: [] for name in runs}

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 IN_CLOSE_NOWRITE = 0x10
+IN_ISDIR = 0x40000000  # a folder was listed: not a file read
 _EVENT = struct.Struct("iIII")
 
 
@@ -51,7 +52,7 @@ def files_read(root: Path, skip: Iterable[str] = ()) -> Iterator[ReadFiles]:
                 wd, mask, _, size = _EVENT.unpack_from(buffer, offset)
                 name = buffer[offset + _EVENT.size : offset + _EVENT.size + size].rstrip(b"\0")
                 offset += _EVENT.size + size
-                if mask & IN_CLOSE_NOWRITE and name and wd in folders:
+                if mask & IN_CLOSE_NOWRITE and not mask & IN_ISDIR and name and wd in folders:
                     path = folders[wd] / os.fsdecode(name)
                     result.paths.add(path.relative_to(root).as_posix())
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,12 @@ def test_every_stage_declares_what_it_imports_and_reads(pristine: Project, tmp_p
         stage = pipeline[name]
         program, *args = stage["cmd"].split()
         assert program == "python", stage["cmd"]
+        # The train stage asks git for the commit and dirty flag: with a fresh index git only
+        # stats files, otherwise it reads them all (a copied tree looks changed to it). Files
+        # changed in the second the index is written are re-read ("racy git"): wait that out.
+        time.sleep(1.1)
+        project.run("git", "update-index", "--refresh", check=False)
+        time.sleep(1.1)
         with files_read(project.path, skip=UNWATCHED) as read:
             project.py(*args)
         outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}

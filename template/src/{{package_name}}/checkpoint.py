@@ -97,7 +97,7 @@ def new_state(fp: str, run_id: str | None) -> dict[str, Any]:
         "bad_epochs": 0,
         "stopped_early": False,
         "history": [],
-        "stats": {"samples": 0.0, "seconds": 0.0},
+        "stats": {"samples": 0.0, "seconds": 0.0, "loop_seconds": 0.0},
         "run_id": run_id,
     }
 

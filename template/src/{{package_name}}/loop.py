@@ -168,7 +168,8 @@ class FitResult:
     best_val_accuracy: float
     stopped_early: bool
     samples: float
-    seconds: float
+    seconds: float  # in the training steps only
+    loop_seconds: float  # the whole loop: steps, validation, checkpoints, logging
     checkpoint: dict[str, Any] = field(repr=False)
 
     @property
@@ -178,6 +179,10 @@ class FitResult:
     @property
     def samples_per_s(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def loop_samples_per_s(self) -> float:
+        return self.samples / self.loop_seconds if self.loop_seconds > 0 else 0.0
 
 
 def _setup(
@@ -280,6 +285,7 @@ def _result(model: TabularClassifier, state: dict[str, Any]) -> FitResult:
         stopped_early=state["stopped_early"],
         samples=state["stats"]["samples"],
         seconds=state["stats"]["seconds"],
+        loop_seconds=state["stats"]["loop_seconds"],
         checkpoint=state,
     )
 
@@ -313,6 +319,7 @@ def fit(
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
             if state["stopped_early"]:
                 break
+            began = time.perf_counter()
             row = _epoch(loop, state, epoch)
             _early_stopping(loop, state, row)
             pending.append(row)
@@ -324,6 +331,9 @@ def fit(
                 if ctx.is_main and log_epochs is not None:
                     log_epochs(pending)
                 pending = []
+            # The epoch's whole cost, its checkpoint and logging included (a checkpoint holds
+            # the time up to the epoch before it: its own write is not known yet).
+            state["stats"]["loop_seconds"] += time.perf_counter() - began
             if ctx.is_main:
                 progress.update(row)
             if on_epoch_end is not None:

@@ -261,7 +261,11 @@ def open_run(
 
 
 def log_epochs(run_id: str, rows: list[dict[str, float]]) -> None:
-    """Per-epoch metrics (``step`` = epoch), batched: one request per 1,000 values."""
+    """Per-epoch metrics (``step`` = epoch), batched and asynchronous (off the training loop).
+
+    Queued values that a crash loses are logged again when the run resumes (:func:`open_run`
+    reports the epochs the run has); :func:`end_run` waits for the queue.
+    """
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -274,7 +278,7 @@ def log_epochs(run_id: str, rows: list[dict[str, float]]) -> None:
     ]
     client = MlflowClient()
     for i in range(0, len(values), 1000):  # MLflow's limit per log_batch
-        client.log_batch(run_id, metrics=values[i : i + 1000])
+        client.log_batch(run_id, metrics=values[i : i + 1000], synchronous=False)
 
 
 def log_run_outputs(run_id: str, metrics: dict[str, float], *files: Path) -> None:
@@ -292,6 +296,7 @@ def log_run_outputs(run_id: str, metrics: dict[str, float], *files: Path) -> Non
 def end_run(status: str) -> None:
     import mlflow
 
+    mlflow.flush_async_logging()
     mlflow.end_run(status=status)
 
 

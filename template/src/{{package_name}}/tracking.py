@@ -126,6 +126,7 @@ def write_outputs(result: FitResult, ctx: DistContext) -> dict[str, float]:
         "final_train_loss": result.history[-1]["train_loss"] if result.history else math.nan,
         "train_samples_per_s": round(result.samples_per_s, 1),
         "train_seconds": round(result.seconds, 3),
+        "loop_samples_per_s": round(result.loop_samples_per_s, 1),
         "world_size": ctx.world_size,
     }
     atomic_write_text(METRICS_PATH, json.dumps(metrics, indent=2) + "\n")
