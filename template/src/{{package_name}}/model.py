@@ -150,3 +150,16 @@ def frame_to_tensor(model: TabularClassifier, df: pd.DataFrame) -> torch.Tensor:
     if bad:
         raise ModelInputError(f"missing or infinite values in columns: {', '.join(bad)}")
     return torch.from_numpy(x)
+
+
+def predict_frame(model: TabularClassifier, frame: pd.DataFrame) -> pd.DataFrame:
+    """``label`` and one probability column per class for each row of ``frame`` (by column name).
+
+    The one way a raw frame becomes predictions: the MLflow pyfunc, the gate and the tests use it.
+    """
+    import pandas as pd
+
+    proba = model.predict_proba(frame_to_tensor(model, frame)).cpu().numpy().astype("float64")
+    out = pd.DataFrame(proba, columns=model.class_names, index=frame.index)
+    out.insert(0, "label", [model.class_names[i] for i in proba.argmax(axis=1)])
+    return out

@@ -156,8 +156,8 @@ def pip_requirements() -> list[str]:
     return pins
 
 
-# The modules unpickling the model imports, shipped with it so loading needs no install.
-MODEL_MODULES = ("__init__.py", "config.py", "fileio.py", "model.py")
+# The modules loading the model imports, shipped with it so loading needs no install.
+MODEL_MODULES = ("__init__.py", "config.py", "fileio.py", "model.py", "pyfunc.py")
 
 
 def _model_code(folder: Path) -> Path:
@@ -178,46 +178,47 @@ def _model_code(folder: Path) -> Path:
 
 
 def log_model(model: TabularClassifier, input_example: pd.DataFrame) -> ModelInfo:
-    """Log ``model`` (pytorch flavour, pickle format) with a signature to the active run.
+    """Log ``model`` as a pyfunc (:mod:`.pyfunc`) with a signature, to the active run.
 
-    Pickle rather than MLflow's default pt2 (torch.export): pt2 loads back as a GraphModule
-    without ``predict_proba``/``feature_names``, and pins shapes to the example. The input schema
-    is float64 ("double"): pyfunc rejects float64 data (JSON, pandas) against a float32 schema,
-    while float32 data upcasts safely; the model casts to float32 itself. The output (pyfunc
-    ``predict``) is the logits, one column per class in ``metadata.class_names``.
+    The weights go as the project's ``model.pt`` (no pickle of the network), the model's
+    modules as code; requirements are pinned, never inferred (inference is slow). The input
+    schema is float64 ("double"): pyfunc rejects float64 data (JSON, pandas) against a float32
+    schema, while float32 data upcasts safely. The output: ``label`` and one probability column
+    per class.
     """
     import mlflow
     import numpy as np
-    import torch
     from mlflow.models import infer_signature
+
+    from .model import predict_frame, save_model
+    from .pyfunc import WEIGHTS, TabularPyfunc
 
     example = input_example.loc[:, model.feature_names].head(5).astype(np.float64)
     if len(example) < 2:
         # one row would make MLflow and serving tools treat the batch size as fixed
         raise ValueError("log_model needs an input_example with at least 2 rows")
     was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.from_numpy(example.to_numpy(np.float32))).cpu().numpy()
+    output = predict_frame(model.eval(), example)
     model.train(was_training)
-    # Warnings with nothing to act on: pickle is unsafe for untrusted files (this store is the
-    # project's own); pip's version is unknown in uv environments (they have no pip).
+    # Warnings with nothing to act on: pip's version is unknown in uv environments (no pip).
     with (
-        _quiet("mlflow.pytorch", "mlflow.utils.environment"),
-        tempfile.TemporaryDirectory(prefix="model-code-") as code,
+        _quiet("mlflow.utils.environment", "mlflow.models.model"),
+        tempfile.TemporaryDirectory(prefix="model-") as tmp,
     ):
-        return mlflow.pytorch.log_model(
-            model,
+        weights = Path(tmp) / WEIGHTS
+        save_model(model, weights)
+        return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            serialization_format="pickle",
-            signature=infer_signature(example, logits),
+            python_model=TabularPyfunc(),
+            artifacts={WEIGHTS: str(weights)},
+            signature=infer_signature(example, output),
             input_example=example,
             pip_requirements=pip_requirements(),
-            code_paths=[str(_model_code(Path(code)))],
+            code_paths=[str(_model_code(Path(tmp) / "code"))],
             metadata={
                 "feature_names": list(model.feature_names),
                 "class_names": list(model.class_names),
-                "output": "logits",
+                "output": "label and one probability column per class",
             },
         )
 
@@ -361,10 +362,17 @@ def set_version_tags(model_name: str, version: str, tags: dict[str, Any]) -> Non
 
 
 def load_version(model_name: str, version: str) -> TabularClassifier:
-    """Load a registered version on the CPU, in eval mode (no progress bar: the gate's output
-    is one line)."""
+    """Load a registered version on the CPU, in eval mode: its ``model.pt``, read without pickle.
+
+    Versions logged by earlier releases of this template (MLflow's pytorch flavour) load
+    through ``mlflow.pytorch``. No progress bar or notes: the gate's output is one line.
+    """
     import mlflow
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+    from mlflow.exceptions import MlflowException
+
+    from .model import load_model
+    from .pyfunc import WEIGHTS
 
     bar = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
     os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"
@@ -374,15 +382,31 @@ def load_version(model_name: str, version: str) -> TabularClassifier:
             _quiet("mlflow.store.artifact"),
             tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp,
         ):
-            model = mlflow.pytorch.load_model(
-                f"models:/{model_name}/{version}", dst_path=tmp, map_location="cpu"
-            )
+            root = mlflow.MlflowClient().get_model_version_download_uri(model_name, version)
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{root.rstrip('/')}/artifacts/{WEIGHTS}", dst_path=tmp
+                )
+            except (MlflowException, OSError):
+                if not _is_pytorch_flavour(root):
+                    raise
+                return mlflow.pytorch.load_model(root, dst_path=tmp, map_location="cpu").eval()
+            return load_model(path)
     finally:
         if bar is None:
             os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
         else:
             os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = bar
-    return model.eval()
+
+
+def _is_pytorch_flavour(root: str) -> bool:
+    import mlflow
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="mlmodel-") as tmp:
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp)
+        flavors = yaml.safe_load(Path(mlmodel).read_text(encoding="utf-8")).get("flavors", {})
+    return "pytorch" in flavors
 
 
 def version_exists(model_name: str, version: str) -> bool:
