@@ -37,7 +37,6 @@ def _install(session: nox.Session) -> None:
 
 
 def _render(session: nox.Session, dst: Path) -> None:
-    shutil.rmtree(dst, ignore_errors=True)
     session.run("python", str(ROOT / "tests" / "helpers.py"), "render-example", str(dst))
 
 
