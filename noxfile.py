@@ -10,7 +10,6 @@ is set, a torch wheel found in pip's find-links folder is used, else PyTorch's C
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -37,7 +36,6 @@ def _install(session: nox.Session) -> None:
 
 
 def _render(session: nox.Session, dst: Path) -> None:
-    shutil.rmtree(dst, ignore_errors=True)
     session.run("python", str(ROOT / "tests" / "helpers.py"), "render-example", str(dst))
 
 
@@ -87,8 +85,10 @@ def demo(session: nox.Session) -> None:
     """Copy the default project into build/demo and run it end to end (install, test, train)."""
     _install(session)
     shutil.rmtree(DEMO, ignore_errors=True)
-    session.run("copier", "copy", "--trust", "--defaults", str(ROOT), str(DEMO))
-    env = {**os.environ, **_test_env()}
+    # The demo owns its environment (build/demo/.venv), not this session's: nox points
+    # UV_PROJECT_ENVIRONMENT and VIRTUAL_ENV at .nox/demo, and the project would follow them.
+    env = {**_test_env(), "UV_PROJECT_ENVIRONMENT": None, "VIRTUAL_ENV": None}
+    session.run("copier", "copy", "--trust", "--defaults", str(ROOT), str(DEMO), env=env)
     with session.chdir(DEMO):
         session.run("nox", "-s", "install", "lint", "test", "train", env=env)
     session.log(f"demo project ready in {DEMO.relative_to(ROOT)}: cd there and try `nox -l`")

@@ -1,23 +1,28 @@
 """Every command of the project, once. The Makefile and the CI pipelines only call these sessions.
 
-All sessions share ONE environment (``.venv``, or ``$UV_PROJECT_ENVIRONMENT``), created by uv on
-first use and refreshed only when ``pyproject.toml`` or the PyTorch wheel source changes.
+All sessions share ONE environment (``.venv``, or ``$UV_PROJECT_ENVIRONMENT``): what
+``uv sync --locked`` makes from the committed ``uv.lock``, with the PyTorch build that fits this
+machine. Each session brings it up to date first (a fraction of a second when it is), then runs
+its commands in it through ``uv run --no-sync``, so DVC's stages find the same ``python``.
 
-PyTorch wheel source (see README, "Choosing the PyTorch build"):
-  TORCH_INDEX_URL   a PyTorch wheel index, e.g. https://download.pytorch.org/whl/cu128
+PyTorch build (README, "Choosing the PyTorch build"): uv.lock pins torch's version; the build is
+picked at install time from the accelerator answer (auto), or else, first set wins:
   TORCH_FIND_LINKS  a folder of wheels (air-gapped machines, CI caches); no index is asked for torch
-Without either, uv follows ``[tool.uv.sources]`` in pyproject.toml.
+  TORCH_INDEX_URL   a PyTorch wheel index or mirror, e.g. https://download.pytorch.org/whl/cu128
+  UV_TORCH_BACKEND  uv's name of a build (cpu, cu128, ..., auto: CUDA if a driver is found)
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import shutil
 import sys
 import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import nox
+from packaging.utils import parse_wheel_filename
 
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "none"
@@ -26,80 +31,134 @@ nox.options.sessions = ["lint", "test"]
 ROOT = Path(__file__).parent.resolve()
 PACKAGE = "my_ml_project"
 PYTHON = "3.11"
-VENV = Path(os.environ.get("UV_PROJECT_ENVIRONMENT", ROOT / ".venv")).resolve()
-BIN = VENV / ("Scripts" if sys.platform == "win32" else "bin")
-STAMP = VENV / ".env-fingerprint"
+TORCH_BACKEND = "auto"  # the accelerator answer, as uv's --torch-backend names it
+LOCK = ROOT / "uv.lock"
+VENV = ROOT / os.environ.get("UV_PROJECT_ENVIRONMENT", ".venv")
+# For the commands: `uv run` sets VIRTUAL_ENV itself, and would warn about another one active.
+ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "VIRTUAL_ENV": None}
+
+# Why `uv sync` alone does not install torch. A lock holding each build (uv's documented `cpu` /
+# `cu128` extras, each from its PyTorch index) can only be made where download.pytorch.org
+# answers, and a wheel-folder override would be written into it as a path no other machine has.
+# So uv.lock resolves torch from PyPI like the rest and stays portable: it pins torch's version
+# and everything else, with hashes. PyPI's Linux build is the CUDA one (GBs of nvidia-* wheels,
+# listed in the lock), so outside macOS the sync leaves out torch and what only that build needs,
+# and torch==<locked> comes in the build this machine wants, through uv's `--torch-backend` or an
+# override. The cost: the build itself is not hash-locked, only its version. On macOS PyPI's
+# build (MPS) is the right one and comes from the lock. torch is the `torch` extra, so that a
+# bare `uv run` (which syncs without extras, keeping what is there) never swaps the build.
 
 
-def _torch_requirement() -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    return next(d for d in deps if d.replace(" ", "").startswith("torch"))
+def nvidia_driver() -> bool:
+    """Whether an NVIDIA driver is installed: what uv's own `--torch-backend auto` looks for."""
+    files = ("/sys/module/nvidia/version", "/proc/driver/nvidia/version")
+    return any(Path(f).exists() for f in files) or shutil.which("nvidia-smi") is not None
 
 
-def _fingerprint() -> str:
-    parts = [
-        (ROOT / "pyproject.toml").read_text(),
-        PYTHON,
-        os.environ.get("TORCH_INDEX_URL", ""),
-        os.environ.get("TORCH_FIND_LINKS", ""),
-    ]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+def torch_install(
+    version: str,
+    environ: Mapping[str, str],
+    driver: Callable[[], bool] = nvidia_driver,
+    platform: str = sys.platform,
+) -> list[str]:
+    """`uv pip install` arguments for torch ``version`` in this machine's build ([]: the locked)."""
+    if folder := environ.get("TORCH_FIND_LINKS"):
+        return ["--no-index", "--find-links", folder, f"torch=={version}"]
+    if index := environ.get("TORCH_INDEX_URL"):
+        return ["--index", index, f"torch=={version}"]
+    if platform == "darwin":
+        return []
+    backend = environ.get("UV_TORCH_BACKEND") or TORCH_BACKEND
+    if backend == "auto" and not driver():
+        backend = "cpu"
+    # With a local tag (2.9.1+cpu) uv replaces a torch of another build; auto keeps any build.
+    build = "" if backend == "auto" else f"+{backend}"
+    return ["--torch-backend", backend, f"torch=={version}{build}"]
 
 
-def project_env(session: nox.Session) -> dict[str, str]:
-    """Create or refresh the shared environment; return the variables that activate it."""
-    env = {
-        "VIRTUAL_ENV": str(VENV),
-        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PYTHONUNBUFFERED": "1",
-    }
-    if STAMP.exists() and STAMP.read_text() == _fingerprint():
-        return env
-    uv = ["uv", "pip", "install", "--python", str(VENV)]
-    if not (BIN / "python").exists() and not (BIN / "python.exe").exists():
-        session.run("uv", "venv", "--clear", "--python", PYTHON, str(VENV), external=True)
-    find_links = os.environ.get("TORCH_FIND_LINKS")
-    index_url = os.environ.get("TORCH_INDEX_URL")
-    torch = _torch_requirement()
-    if find_links:
-        session.log(f"PyTorch from the wheel folder {find_links} (TORCH_FIND_LINKS)")
-        session.run(
-            *uv, "--no-deps", "--no-index", "--find-links", find_links, torch, external=True
-        )
-    elif index_url:
-        session.log(f"PyTorch from the index {index_url} (TORCH_INDEX_URL)")
-        session.run(*uv, "--index", index_url, torch, external=True)
-    # With an override, the torch just installed satisfies the requirement and stays.
-    no_sources = ["--no-sources"] if (find_links or index_url) else []
-    session.run(*uv, *no_sources, "-e", f"{ROOT}[dev]", external=True)
-    STAMP.write_text(_fingerprint())
-    return env
+def cuda_only(packages: Iterable[dict]) -> set[str]:
+    """Names in uv.lock that only PyPI's CUDA build of torch needs (nvidia-*, triton, ...).
+
+    Those are torch's dependencies under a platform marker, and theirs, less whatever the
+    project also needs another way (its other dependencies, the CPU build's own).
+    """
+    edges: dict[str, list[dict]] = {}
+    for package in packages:
+        groups = [
+            package.get("dependencies", []),
+            *package.get("optional-dependencies", {}).values(),
+            *package.get("dev-dependencies", {}).values(),
+        ]
+        edges.setdefault(package["name"], []).extend(dep for group in groups for dep in group)
+
+    def gated(name: str, dep: dict) -> bool:
+        return name == "torch" and "platform" in dep.get("marker", "")
+
+    def reach(names: Iterable[str], skip: Callable[[str, dict], bool]) -> set[str]:
+        seen: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo += [d["name"] for d in edges.get(name, []) if not skip(name, d)]
+        return seen
+
+    cuda = reach([d["name"] for d in edges.get("torch", []) if gated("torch", d)], lambda *_: False)
+    others = reach([n for n in edges if n != "torch" and n not in cuda], gated)
+    return cuda - others
 
 
-def _in_env(program: str) -> str:
-    """Absolute path of a program of the project environment (nox would look on its own PATH)."""
-    for candidate in (BIN / program, BIN / f"{program}.exe"):
-        if candidate.exists():
-            return str(candidate)
-    return program
+def _lock(session: nox.Session, *args: str) -> None:
+    """`uv lock`; with TORCH_FIND_LINKS, torch at the newest version its folder holds."""
+    if folder := os.environ.get("TORCH_FIND_LINKS"):
+        wheels = Path(folder.removeprefix("file://")).glob("torch-*.whl")
+        if versions := [parse_wheel_filename(w.name)[1] for w in wheels]:
+            args = ("--upgrade-package", f"torch=={max(versions).public}", *args)
+    session.run("uv", "lock", *args, external=True)
 
 
-def run(session: nox.Session, *args: str, env: dict[str, str], **kwargs) -> str | bool | None:
-    return session.run(_in_env(args[0]), *args[1:], env=env, external=True, **kwargs)
+def project_env(session: nox.Session) -> dict[str, str | None]:
+    """Bring the shared environment up to date (uv.lock, this machine's torch); return its env."""
+    if not LOCK.exists():
+        session.log("No uv.lock yet: locking the dependencies (commit uv.lock afterwards)")
+        _lock(session)
+    packages = tomllib.loads(LOCK.read_text(encoding="utf-8"))["package"]
+    version = next(p["version"] for p in packages if p["name"] == "torch")
+    torch = torch_install(version, os.environ)
+    sync = ["uv", "sync", "--locked", "--python", PYTHON, "--extra", "torch"]
+    if torch:
+        # --inexact: keep the torch installed below (and a CUDA build's own nvidia-* wheels).
+        skip = ["torch", *sorted(cuda_only(packages))]
+        sync += ["--inexact", *(f"--no-install-package={name}" for name in skip)]
+    session.run(*sync, external=True)
+    if torch:
+        session.run("uv", "pip", "install", "--python", str(VENV), *torch, external=True)
+    return ENV
+
+
+def run(
+    session: nox.Session, *args: str, env: dict[str, str | None], **kwargs
+) -> str | bool | None:
+    """Run a command of the project environment (`uv run` activates it, PATH included)."""
+    return session.run("uv", "run", "--no-sync", *args, env=env, external=True, **kwargs)
+
+
+@nox.session
+def lock(session: nox.Session) -> None:
+    """Lock the dependencies into uv.lock (`-- --upgrade` moves them all forward); commit it."""
+    _lock(session, *session.posargs)
 
 
 @nox.session
 def install(session: nox.Session) -> None:
-    """Create (or refresh) the project environment shared by every session."""
+    """Create or update the environment every session shares: uv.lock, this machine's torch."""
     env = project_env(session)
-    run(
-        session,
-        "python",
-        "-c",
-        f"import torch, {PACKAGE}; print('torch', torch.__version__)",
-        env=env,
+    check = (
+        f"import torch, {PACKAGE}; "
+        "print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
     )
+    run(session, "python", "-c", check, env=env)
 
 
 @nox.session

@@ -1,7 +1,9 @@
 """What the end-to-end tests share: a rendered project and the commands a user types in it.
 
-One environment is installed once (the ``pristine`` fixture) and shared by every copy of the
-project through ``UV_PROJECT_ENVIRONMENT``, as a user's CI cache would. Nothing is mocked.
+One environment is installed once (the ``pristine`` fixture, `nox -s install`: ``uv sync --locked``
+and the CPU torch from the wheel folder) and shared by every copy of the project through
+``UV_PROJECT_ENVIRONMENT``, as a user's CI cache would; a copy's sessions find it up to date.
+Nothing is mocked.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class Project:
             "PYTHONUNBUFFERED": "1",
         }
         self.env.pop("MLFLOW_TRACKING_URI", None)
+        # Set by nox for its own session (pytest's): uv would warn that it is not this project's.
+        self.env.pop("VIRTUAL_ENV", None)
 
     @property
     def python(self) -> str:

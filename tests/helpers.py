@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "generated-example"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # What legitimately differs between two renders of the same answers.
 VOLATILE = {".git", ".venv", ".nox", "__pycache__", ".pytest_cache", ".ruff_cache"}
@@ -64,7 +66,15 @@ def render(dst: Path, *, tasks: bool = False, pretend: bool = False, **answers: 
 
 
 def render_example(dst: Path) -> Path:
-    """Render the default project as committed in generated-example/: DVC set up, no git repo."""
+    """Render the default project as committed in generated-example/: DVC set up, no git repo.
+
+    ``dst`` is emptied first. Its uv.lock starts from generated-example's, so a pin moves only
+    where pyproject.toml asks (delete generated-example/uv.lock to move them all forward), and
+    it is locked from PyPI alone, whatever wheel folder TORCH_FIND_LINKS names here.
+    """
+    committed = EXAMPLE / "uv.lock"
+    seed = committed.read_bytes() if committed.exists() else None
+    shutil.rmtree(dst, ignore_errors=True)
     render(dst)
     # The template is the example's parent folder, wherever the repository is cloned.
     answers = dst / ".copier-answers.yml"
@@ -78,6 +88,19 @@ def render_example(dst: Path) -> Path:
         check=True,
         capture_output=True,
     )
+    if seed is not None:
+        (dst / "uv.lock").write_bytes(seed)
+    environ = {k: v for k, v in os.environ.items() if k != "TORCH_FIND_LINKS"}
+    locked = subprocess.run(
+        [sys.executable, str(ROOT / "hooks" / "lock.py")],
+        cwd=dst,
+        env=environ,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    if not (dst / "uv.lock").exists():
+        raise RuntimeError(f"the example must carry a uv.lock: {locked.stdout.strip()}")
     return dst
 
 
