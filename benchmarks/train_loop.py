@@ -41,10 +41,17 @@ def _modules() -> dict[str, object]:
     return {m: importlib.import_module(f"{pkg}.{m}") for m in ("config", "data", "loop", "model")}
 
 
+def use_threads(params: object) -> None:
+    """The CPU threads the train stage uses (train.cpu_threads), so both sides run alike."""
+    if params.train.cpu_threads:
+        torch.set_num_threads(params.train.cpu_threads)
+
+
 def bare_loop(data: object, params: object, epochs: int) -> float:
     """Samples/s of the plainest PyTorch loop over the same model, data and batch size."""
     model_mod = importlib.import_module(f"{_package()}.model")
     cfg = params.train
+    use_threads(params)
     torch.manual_seed(0)
     model = model_mod.build_model(data.schema, params.model, data.x_train)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -86,6 +93,7 @@ def main() -> None:
             y_train=np.tile(data.y_train, args.scale),
         )
     cfg = params.train.model_copy(update={"epochs": args.epochs, "patience": 0})
+    use_threads(params)
     ctx = importlib.import_module(f"{_package()}.distributed").DistContext(
         0, 1, 0, torch.device("cpu")
     )

@@ -113,7 +113,9 @@ class TrainParams(Section):
     resume: Literal["auto", "always", "never"] = "auto"
     checkpoint_dir: Text = "checkpoints"
     # Write the checkpoint every N epochs (and always after the last one).
-    checkpoint_every: Annotated[StrictInt, Field(ge=1)] = 1
+    checkpoint_every: Annotated[StrictInt, Field(ge=1)] = 10
+    # Threads of a CPU run (0: PyTorch's default, one per core).
+    cpu_threads: Annotated[StrictInt, Field(ge=0)] = 1
 
 
 class EvaluateParams(Section):

@@ -200,9 +200,13 @@ def log_model(model: TabularClassifier, input_example: pd.DataFrame) -> ModelInf
     was_training = model.training
     output = predict_frame(model.eval(), example)
     model.train(was_training)
-    # Warnings with nothing to act on: pip's version is unknown in uv environments (no pip).
+    # Notes with nothing to act on: pip's version is unknown in uv environments (no pip); the
+    # python_model object is pickled (it holds nothing: the weights are the model.pt artifact).
+    # MLFLOW_LOG_UV_FILES: the model's environment is its pinned requirements; the project's
+    # uv.lock (a development lock, torch's CUDA wheels listed) stays out of it.
     with (
-        _quiet("mlflow.utils.environment", "mlflow.models.model"),
+        _quiet("mlflow.utils.environment", "mlflow.models.model", "mlflow.pyfunc"),
+        _environ(MLFLOW_LOG_UV_FILES="false"),
         tempfile.TemporaryDirectory(prefix="model-") as tmp,
     ):
         weights = Path(tmp) / WEIGHTS
@@ -221,6 +225,21 @@ def log_model(model: TabularClassifier, input_example: pd.DataFrame) -> ModelInf
                 "output": "label and one probability column per class",
             },
         )
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set MLflow's switches (environment variables) inside the block only."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -374,29 +393,22 @@ def load_version(model_name: str, version: str) -> TabularClassifier:
     from .model import load_model
     from .pyfunc import WEIGHTS
 
-    bar = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
-    os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"
-    try:
-        # A download folder of our own, removed afterwards: MLflow's default one is never deleted.
-        with (
-            _quiet("mlflow.store.artifact"),
-            tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp,
-        ):
-            root = mlflow.MlflowClient().get_model_version_download_uri(model_name, version)
-            try:
-                path = mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{root.rstrip('/')}/artifacts/{WEIGHTS}", dst_path=tmp
-                )
-            except (MlflowException, OSError):
-                if not _is_pytorch_flavour(root):
-                    raise
-                return mlflow.pytorch.load_model(root, dst_path=tmp, map_location="cpu").eval()
-            return load_model(path)
-    finally:
-        if bar is None:
-            os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
-        else:
-            os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = bar
+    # A download folder of our own, removed afterwards: MLflow's default one is never deleted.
+    with (
+        _quiet("mlflow.store.artifact"),
+        _environ(**{MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name: "false"}),
+        tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp,
+    ):
+        root = mlflow.MlflowClient().get_model_version_download_uri(model_name, version)
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{root.rstrip('/')}/artifacts/{WEIGHTS}", dst_path=tmp
+            )
+        except (MlflowException, OSError):
+            if not _is_pytorch_flavour(root):
+                raise
+            return mlflow.pytorch.load_model(root, dst_path=tmp, map_location="cpu").eval()
+        return load_model(path)
 
 
 def _is_pytorch_flavour(root: str) -> bool:
