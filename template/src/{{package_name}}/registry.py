@@ -157,7 +157,7 @@ def pip_requirements() -> list[str]:
 
 
 # The modules unpickling the model imports, shipped with it so loading needs no install.
-MODEL_MODULES = ("__init__.py", "config.py", "fileio.py", "model.py")
+MODEL_MODULES = ("__init__.py", "config.py", "features.py", "fileio.py", "model.py")
 
 
 def _model_code(folder: Path) -> Path:
@@ -182,23 +182,23 @@ def log_model(model: TabularClassifier, input_example: pd.DataFrame) -> ModelInf
 
     Pickle rather than MLflow's default pt2 (torch.export): pt2 loads back as a GraphModule
     without ``predict_proba``/``feature_names``, and pins shapes to the example. The input schema
-    is float64 ("double"): pyfunc rejects float64 data (JSON, pandas) against a float32 schema,
-    while float32 data upcasts safely; the model casts to float32 itself. The output (pyfunc
+    has the raw columns' types (the example is ``model.spec.typed``): numbers as float64
+    ("double": pyfunc rejects float64 data (JSON, pandas) against a float32 schema, while float32
+    data upcasts safely), categories as strings, booleans as booleans. The output (pyfunc
     ``predict``) is the logits, one column per class in ``metadata.class_names``.
     """
     import mlflow
-    import numpy as np
     import torch
     from mlflow.models import infer_signature
 
-    example = input_example.loc[:, model.feature_names].head(5).astype(np.float64)
+    example = model.spec.typed(input_example).head(5)
     if len(example) < 2:
         # one row would make MLflow and serving tools treat the batch size as fixed
         raise ValueError("log_model needs an input_example with at least 2 rows")
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        logits = model(torch.from_numpy(example.to_numpy(np.float32))).cpu().numpy()
+        logits = model(model.encode(example)).cpu().numpy()
     model.train(was_training)
     # Warnings with nothing to act on: pickle is unsafe for untrusted files (this store is the
     # project's own); pip's version is unknown in uv environments (they have no pip).
