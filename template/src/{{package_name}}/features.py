@@ -89,9 +89,10 @@ def boolean_value(value: Any) -> float | None:
 def infer_kind(series: pd.Series, *, allow_categorical: bool = True) -> str:
     """The kind of a raw column: booleans; numbers; text (categorical, if allowed).
 
-    A text column in which any value reads as a number is taken as numeric: the text values are
-    then errors that :func:`typed` names (a stray ``n/a?`` must not turn a column of measurements
-    into categories). Integer codes that are really categories must be declared.
+    A text column in which any value reads as a number (a decimal comma included) is taken as
+    numeric: the text values are then errors that :func:`typed` names (a stray ``n/a?`` or
+    ``12,5`` must not turn a column of measurements into categories). Integer codes that are
+    really categories must be declared.
     """
     if pd.api.types.is_bool_dtype(series):
         return BOOLEAN
@@ -100,7 +101,8 @@ def infer_kind(series: pd.Series, *, allow_categorical: bool = True) -> str:
     values = [v for v in series.unique() if not _blank(v)]
     if values and all(boolean_value(v) is not None for v in values):
         return BOOLEAN
-    numbers = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
+    text = pd.Series([str(v).replace(",", ".") for v in values], dtype=object)
+    numbers = pd.to_numeric(text, errors="coerce")
     if allow_categorical and numbers.isna().all():
         return CATEGORICAL
     return NUMERIC
