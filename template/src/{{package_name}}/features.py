@@ -156,7 +156,9 @@ def typed(frame: pd.DataFrame, kinds: Mapping[str, str]) -> pd.DataFrame:
             continue
         values, bad = _as_numbers(raw) if kind == NUMERIC else _as_booleans(raw)
         if bad.any():
-            problems[kind].append(f"{name} (e.g. {raw[bad].iloc[0]!r}; {int(bad.sum())} rows)")
+            count = int(bad.sum())
+            values = "1 value" if count == 1 else f"{count} values"
+            problems[kind].append(f"{name} ({values}, e.g. {raw[bad].iloc[0]!r})")
         columns[name] = values
     if problems[NUMERIC] or problems[BOOLEAN]:
         found = [
