@@ -417,7 +417,7 @@ def load_split(
 @dataclass
 class TrainData:
     """Prepared train/val arrays, their schema, and the md5 of each file (as DVC computes it);
-    ``example``: the first rows of the val split's raw feature columns (MLflow's input example)."""
+    ``example``: a few rows of the val split's feature columns, as prepared (MLflow's example)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -441,7 +441,10 @@ def load_train_data(processed_dir: str | Path = PROCESSED_DIR) -> TrainData:
     raw = json.loads((folder / SCHEMA_FILE).read_text(encoding="utf-8")).get("raw")
     if isinstance(raw, dict) and raw.get("md5"):
         md5["raw"] = str(raw["md5"])
-    example = val[schema.features].head(5).reset_index(drop=True)
+    # Complete rows where there are: the MLflow signature reads each column's type from them.
+    rows = val[schema.features]
+    complete = rows.dropna()
+    example = (complete if len(complete) >= 2 else rows).head(5).reset_index(drop=True)
     return TrainData(x_train, y_train, x_val, y_val, schema, md5, example)
 
 
