@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,23 @@ def boolean_value(value: Any) -> float | None:
     return BOOLEAN_TEXT.get(str(value).strip().lower())
 
 
+def number_value(value: Any) -> float | None:
+    """The number (NaN when missing or infinite), or None when the value is no number."""
+    if _blank(value):
+        return math.nan
+    if isinstance(value, bool | int | float | np.bool_ | np.integer | np.floating):
+        number = float(value)
+    else:
+        text = str(value).strip()
+        if "_" in text:  # float() reads "1_000"; a CSV reader does not
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+    return number if math.isfinite(number) else math.nan
+
+
 def infer_kind(series: pd.Series, *, allow_categorical: bool = True) -> str:
     """The kind of a raw column: booleans; numbers; text (categorical, if allowed).
 
@@ -101,35 +118,60 @@ def infer_kind(series: pd.Series, *, allow_categorical: bool = True) -> str:
     values = [v for v in series.unique() if not _blank(v)]
     if values and all(boolean_value(v) is not None for v in values):
         return BOOLEAN
-    text = pd.Series([str(v).replace(",", ".") for v in values], dtype=object)
-    numbers = pd.to_numeric(text, errors="coerce")
-    if allow_categorical and numbers.isna().all():
+    if allow_categorical and all(number_value(str(v).replace(",", ".")) is None for v in values):
         return CATEGORICAL
     return NUMERIC
 
 
-def _floats(series: pd.Series) -> pd.Series:
-    return pd.Series(series.to_numpy(dtype=np.float64, na_value=np.nan), index=series.index)
+def _parsed(
+    values: list[Any], parse: Callable[[Any], float | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 values (NaN for gaps) and the mask of values ``parse`` refused."""
+    parsed = [parse(v) for v in values]
+    bad = np.array([v is None for v in parsed], dtype=bool)
+    return np.array([math.nan if v is None else v for v in parsed], dtype=np.float64), bad
 
 
-def _as_numbers(series: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """float64 values (NaN where missing or infinite) and the mask of values that are no number."""
-    if pd.api.types.is_numeric_dtype(series):  # booleans included
-        numbers, bad = _floats(series), pd.Series(False, index=series.index)
-    else:
-        numbers = _floats(pd.to_numeric(series, errors="coerce"))
-        bad = numbers.isna() & ~series.map(_blank).astype(bool)
-    return numbers.where(np.isfinite(numbers)), bad
+def _column(series: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """One column in its kind's values (float64 with NaN, or labels with None) and the mask of
+    values of another kind. Plain numpy and Python: a one-row request must not pay for pandas."""
+    if kind == CATEGORICAL:
+        labels = np.array([category_label(v) for v in series.tolist()], dtype=object)
+        return labels, np.zeros(len(series), dtype=bool)
+    if kind == NUMERIC and pd.api.types.is_numeric_dtype(series):  # booleans are 0 and 1
+        numbers = series.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
+        numbers[~np.isfinite(numbers)] = np.nan
+        return numbers, np.zeros(len(series), dtype=bool)
+    return _parsed(series.tolist(), number_value if kind == NUMERIC else boolean_value)
 
 
-def _as_booleans(series: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """Nullable booleans and the mask of values that are no boolean."""
-    if pd.api.types.is_bool_dtype(series):
-        return series.astype("boolean"), pd.Series(False, index=series.index)
-    parsed = [boolean_value(v) for v in series]
-    flags = [pd.NA if v is None or math.isnan(v) else bool(v) for v in parsed]
-    bad = pd.Series([v is None for v in parsed], index=series.index, dtype=bool)
-    return pd.Series(pd.array(flags, dtype="boolean"), index=series.index), bad
+def _columns(frame: pd.DataFrame, kinds: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """:func:`_column` of each feature, by name; errors name missing columns and wrong values."""
+    names = list(kinds)
+    absent = [name for name in names if name not in frame.columns]
+    if absent:
+        raise ModelInputError(
+            f"input lacks {len(absent)} of the model's {len(names)} feature columns: "
+            f"{', '.join(absent)}. Provide every column in model.feature_names "
+            "(extra columns are ignored)."
+        )
+    columns: dict[str, np.ndarray] = {}
+    problems: dict[str, list[str]] = {NUMERIC: [], BOOLEAN: []}
+    for name in names:
+        columns[name], bad = _column(frame[name], kinds[name])
+        if bad.any():
+            count = int(bad.sum())
+            example = frame[name].to_numpy(dtype=object)[bad][0]
+            values = "1 value" if count == 1 else f"{count} values"
+            problems[kinds[name]].append(f"{name} ({values}, e.g. {example!r})")
+    if problems[NUMERIC] or problems[BOOLEAN]:
+        found = [
+            f"{what} values in {kind} feature columns: {'; '.join(problems[kind])}"
+            for kind, what in ((NUMERIC, "non-numeric"), (BOOLEAN, "non-boolean"))
+            if problems[kind]
+        ]
+        raise ModelInputError(". ".join(found))
+    return columns
 
 
 def typed(frame: pd.DataFrame, kinds: Mapping[str, str]) -> pd.DataFrame:
@@ -139,35 +181,14 @@ def typed(frame: pd.DataFrame, kinds: Mapping[str, str]) -> pd.DataFrame:
     Raises ModelInputError naming the missing columns, or the columns holding values of another
     kind (with an example and a count).
     """
-    names = list(kinds)
-    absent = [name for name in names if name not in frame.columns]
-    if absent:
-        raise ModelInputError(
-            f"input lacks {len(absent)} of the model's {len(names)} feature columns: "
-            f"{', '.join(absent)}. Provide every column in model.feature_names "
-            "(extra columns are ignored)."
-        )
-    columns: dict[str, pd.Series] = {}
-    problems: dict[str, list[str]] = {NUMERIC: [], BOOLEAN: []}
-    for name in names:
-        raw, kind = frame[name], kinds[name]
-        if kind == CATEGORICAL:
-            columns[name] = raw.map(category_label).astype(object)
-            continue
-        values, bad = _as_numbers(raw) if kind == NUMERIC else _as_booleans(raw)
-        if bad.any():
-            count = int(bad.sum())
-            values = "1 value" if count == 1 else f"{count} values"
-            problems[kind].append(f"{name} ({values}, e.g. {raw[bad].iloc[0]!r})")
-        columns[name] = values
-    if problems[NUMERIC] or problems[BOOLEAN]:
-        found = [
-            f"{what} values in {kind} feature columns: {'; '.join(problems[kind])}"
-            for kind, what in ((NUMERIC, "non-numeric"), (BOOLEAN, "non-boolean"))
-            if problems[kind]
-        ]
-        raise ModelInputError(". ".join(found))
-    return pd.DataFrame(columns, index=frame.index)
+    columns = _columns(frame, kinds)
+    return pd.DataFrame(
+        {
+            name: pd.array(values, dtype="boolean") if kinds[name] == BOOLEAN else values
+            for name, values in columns.items()
+        },
+        index=frame.index,
+    )
 
 
 def kinds_of(frame: pd.DataFrame) -> dict[str, str]:
@@ -249,21 +270,21 @@ class FeatureSpec:
         Columns are read by name; extra ones are ignored. Gaps are errors unless the model was
         trained with ``data.missing: impute``.
         """
-        values = self.typed(frame)
+        columns = _columns(frame, self.kinds)
         if self.missing != IMPUTE:
-            gaps = values.isna().sum()
-            if gaps.any():
-                listed = [f"{name} ({int(n)})" for name, n in gaps[gaps > 0].items()]
+            gaps = {name: int(pd.isna(values).sum()) for name, values in columns.items()}
+            listed = [f"{name} ({n})" for name, n in gaps.items() if n]
+            if listed:
                 raise ModelInputError(
                     f"missing or infinite values in columns: {_short(listed, 20)}; the model was "
                     f"trained with data.missing: {self.missing} (train with data.missing: impute "
                     "to fill gaps)"
                 )
-        columns = [_floats(values[name]).to_numpy(np.float32) for name in self.numeric]
+        encoded = [columns[name].astype(np.float32) for name in self.numeric]
         for name in self.categorical:
             codes = {label: i + 1 for i, label in enumerate(self.categories[name])}
-            columns.append(values[name].map(codes).fillna(0).to_numpy(np.float32))
-        return np.stack(columns, axis=1)
+            encoded.append(np.array([codes.get(v, 0) for v in columns[name]], dtype=np.float32))
+        return np.stack(encoded, axis=1)
 
     def to_config(self) -> dict[str, Any]:
         """Plain lists and dicts (``torch.load(weights_only=True)`` reads them)."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import ModelParams, ProjectError
-from .features import BOOLEAN, FeatureSpec, embedding_size
+from .features import BOOLEAN, IMPUTE, FeatureSpec, embedding_size
 from .features import ModelInputError as ModelInputError
 from .fileio import atomic_write
 
@@ -106,8 +106,9 @@ class TabularClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, C]`` for encoded rows ``x`` ``[N, F]`` (see :meth:`encode`)."""
         n_numeric = self.mean.shape[0]
-        numbers = x[:, :n_numeric]
-        numbers = torch.where(torch.isnan(numbers), self.fill, numbers)
+        numbers = x[:, :n_numeric] if len(self.embeddings) else x
+        if self.spec.missing == IMPUTE:  # else encode() lets no gap through
+            numbers = torch.where(torch.isnan(numbers), self.fill, numbers)
         parts = [(numbers - self.mean) / self.std]
         if len(self.embeddings):
             codes = x[:, n_numeric:].long()
