@@ -62,24 +62,44 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _column_list(value: Any, keyword: str, *, empty: bool) -> Any:
+    """``keyword`` itself, or a list of distinct column names (non-empty unless ``empty``)."""
+    if value == keyword:
+        return value
+    what = "a list" if empty else "a non-empty list"
+    if (
+        not isinstance(value, list)
+        or not (value or empty)
+        or not all(isinstance(v, str) for v in value)
+    ):
+        raise ValueError(f"expected '{keyword}' or {what} of column names")
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        raise ValueError(f"lists columns twice: {', '.join(twice)}")
+    return value
+
+
 class DataParams(Section):
     raw_path: Text
     target: Text
     # "all" = every column except the target; or a list of column names.
     features: Literal["all"] | list[Text] = "all"
-    missing: Literal["error", "drop"] = "error"
+    # Gaps: refuse the file, drop the rows, or let the model fill them (learned on the train split).
+    missing: Literal["error", "drop", "impute"] = "error"
+    # "auto" = infer each column's kind; or the list of exactly the categorical columns.
+    categorical: Literal["auto"] | list[Text] = "auto"
+    # More distinct labels than this in a categorical column is an error (an ID, a date, text?).
+    max_categories: Annotated[StrictInt, Field(ge=2)] = 100
 
     @field_validator("features", mode="before")
     @classmethod
     def _features(cls, value: Any) -> Any:
-        if value == "all":
-            return value
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            raise ValueError("expected 'all' or a non-empty list of column names")
-        twice = sorted({v for v in value if value.count(v) > 1})
-        if twice:
-            raise ValueError(f"lists columns twice: {', '.join(twice)}")
-        return value
+        return _column_list(value, "all", empty=False)
+
+    @field_validator("categorical", mode="before")
+    @classmethod
+    def _categorical(cls, value: Any) -> Any:
+        return _column_list(value, "auto", empty=True)
 
 
 class SplitParams(Section):

@@ -40,7 +40,7 @@ from . import registry
 from .config import EvaluateParams, Params, ProjectError, cli_errors, load_params
 from .data import PROCESSED_DIR, DataError, Schema, load_frame, load_split, to_arrays
 from .fileio import atomic_write_text
-from .model import TabularClassifier, frame_to_tensor, load_model
+from .model import TabularClassifier, load_model
 
 MODEL_PATH = Path("models/model.pt")
 RUN_INFO_PATH = Path("models/run.json")
@@ -95,19 +95,19 @@ class Decision:
 
 @dataclass
 class TestSplit:
-    """The test split as a frame (the champion reads it by column name) and as arrays."""
+    """The test split as a frame of raw columns (models read it by name) and its labels."""
 
     frame: pd.DataFrame
-    x: np.ndarray
     y: np.ndarray
     schema: Schema
 
 
-def predict_proba(model: TabularClassifier, x: np.ndarray) -> np.ndarray:
-    """Class probabilities [N, C] in float64, rows summing to 1 (sklearn checks that)."""
+def predict_proba(model: TabularClassifier, frame: pd.DataFrame) -> np.ndarray:
+    """Class probabilities [N, C] of the rows of ``frame``, read by the model itself (its
+    ``predict_proba_frame``, as any server would); float64, rows summing to 1 (sklearn checks)."""
     model.eval()
     with torch.no_grad():
-        proba = model.predict_proba(torch.from_numpy(x)).cpu().numpy().astype(np.float64)
+        proba = model.predict_proba_frame(frame).cpu().numpy().astype(np.float64)
     return proba / proba.sum(axis=1, keepdims=True)
 
 
@@ -209,8 +209,8 @@ def read_run_info(path: Path = RUN_INFO_PATH) -> dict[str, Any]:
 
 def load_test_split(processed_dir: str | Path = PROCESSED_DIR) -> TestSplit:
     frame, schema = load_frame("test", processed_dir)
-    x, y = to_arrays(frame, schema)
-    return TestSplit(frame, x, y, schema)
+    _, y = to_arrays(frame, schema)  # also checks that the split matches its schema
+    return TestSplit(frame, y, schema)
 
 
 def _fmt(value: float) -> str:
@@ -262,8 +262,7 @@ def champion_score(name: str, version: str, test: TestSplit, metric: str) -> flo
             f"({', '.join(test.schema.classes)})"
         )
     try:
-        x = frame_to_tensor(champion, test.frame).numpy()
-        proba = predict_proba(champion, x)
+        proba = predict_proba(champion, test.frame)
     except Exception as exc:  # missing columns (ModelInputError), or a model that fails
         raise ChampionUnusableError(f"{what} cannot be scored ({_one_line(exc)})") from None
     index = {label: i for i, label in enumerate(classes)}
@@ -373,7 +372,7 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
             f"{MODEL_PATH} was trained on other features or classes than {PROCESSED_DIR}: "
             "re-run training (`dvc repro`)"
         )
-    proba = predict_proba(model, test.x)
+    proba = predict_proba(model, test.frame)
     metrics = compute_metrics(test.y, proba)
     baseline = baseline_metrics(test.y, class_priors(len(test.schema.classes), test.y))
     candidate_score = score(cfg.metric, metrics, "model")

@@ -157,7 +157,7 @@ def pip_requirements() -> list[str]:
 
 
 # The modules loading the model imports, shipped with it so loading needs no install.
-MODEL_MODULES = ("__init__.py", "config.py", "fileio.py", "model.py", "pyfunc.py")
+MODEL_MODULES = ("__init__.py", "config.py", "features.py", "fileio.py", "model.py", "pyfunc.py")
 
 
 def _model_code(folder: Path) -> Path:
@@ -182,18 +182,18 @@ def log_model(model: TabularClassifier, input_example: pd.DataFrame) -> ModelInf
 
     The weights go as the project's ``model.pt`` (no pickle of the network), the model's
     modules as code; requirements are pinned, never inferred (inference is slow). The input
-    schema is float64 ("double"): pyfunc rejects float64 data (JSON, pandas) against a float32
-    schema, while float32 data upcasts safely. The output: ``label`` and one probability column
-    per class.
+    schema has the raw columns' types (the example is ``model.spec.typed``): numbers as float64
+    ("double": pyfunc rejects float64 data (JSON, pandas) against a float32 schema, while
+    float32 data upcasts safely), categories as strings, booleans as booleans. The output:
+    ``label`` and one probability column per class.
     """
     import mlflow
-    import numpy as np
     from mlflow.models import infer_signature
 
     from .model import predict_frame, save_model
     from .pyfunc import WEIGHTS, TabularPyfunc
 
-    example = input_example.loc[:, model.feature_names].head(5).astype(np.float64)
+    example = model.spec.typed(input_example).head(5)
     if len(example) < 2:
         # one row would make MLflow and serving tools treat the batch size as fixed
         raise ValueError("log_model needs an input_example with at least 2 rows")

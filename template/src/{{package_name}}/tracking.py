@@ -151,8 +151,6 @@ def publish(
     A retry after a crash that came after the registration finds this run's version and
     registers no second one.
     """
-    import pandas as pd
-
     from . import registry
 
     model = result.model.to("cpu").eval()
@@ -162,8 +160,7 @@ def publish(
     name = params.mlflow.model_name
     version = registry.version_of_run(name, tracker.run_id)
     if version is None:
-        example = pd.DataFrame(data.x_val[:5], columns=data.schema.features)
-        info = registry.log_model(model, example)
+        info = registry.log_model(model, data.example)
         tags = {"run_id": tracker.run_id, **data_tags(data), **git_info()}
         version = registry.register(info.model_uri, name, tags=tags)
     else:
