@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import pandas as pd
 import pytest
 from e2e import Project, free_port
 
@@ -89,12 +88,20 @@ def _ready(url: str) -> bool:
         return False
 
 
+ROWS = """
+import json, pandas as pd
+frame = pd.read_parquet("data/processed/test.parquet")
+target = json.load(open("data/processed/schema.json"))["target"]
+rows = json.loads(frame.drop(columns=[target]).to_json(orient="records"))
+print(json.dumps([rows, [str(v) for v in frame[target]]]))
+"""
+
+
 @pytest.fixture(scope="module")
 def test_rows(trained: Project) -> tuple[list[dict], list[str]]:
-    frame = pd.read_parquet(trained.path / "data" / "processed" / "test.parquet")
-    target = json.loads((trained.path / "data/processed/schema.json").read_text())["target"]
-    rows = json.loads(frame.drop(columns=[target]).to_json(orient="records"))
-    return rows, [str(v) for v in frame[target]]
+    """The test split's feature rows (as JSON would carry them) and labels."""
+    rows, labels = json.loads(trained.py("-c", ROWS).stdout)
+    return rows, labels
 
 
 def test_second_deploy_reuses_the_bento(server: Server) -> None:
