@@ -269,3 +269,24 @@ def push(session: nox.Session) -> None:
 def pull(session: nox.Session) -> None:
     """Pull data and models from the DVC remote."""
     run(session, "dvc", "pull", *session.posargs, env=project_env(session))
+
+
+def _serving_env(session: nox.Session) -> dict[str, str | None]:
+    """The environment, with BentoML's store inside the project and the PyTorch build named."""
+    home = os.environ.get("BENTOML_HOME") or str(ROOT / ".bentoml")
+    return {**project_env(session), "BENTOML_HOME": home, "TORCH_BACKEND": TORCH_BACKEND,
+            "BENTOML_DO_NOT_TRACK": "true"}  # fmt: skip
+
+
+@nox.session
+def deploy(session: nox.Session) -> None:
+    """Build a Bento (`-- --version N | --alias A`, default champion; `--containerize`)."""
+    env = _serving_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.deploy", "deploy", *session.posargs, env=env)
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """Serve the latest Bento on 127.0.0.1:3000 (`-- --port P --host H`; `--reload`: the source)."""
+    env = _serving_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.deploy", "serve", *session.posargs, env=env)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -420,3 +421,23 @@ def test_multiclass_metrics_and_micro_roc() -> None:
     assert curve[-1] == (1.0, 1.0)
     # A class missing from the test split: roc_auc is undefined, the rest is not.
     assert "roc_auc" not in evaluate.compute_metrics(y[y < 2], proba[y < 2])
+
+
+def test_unreachable_store_promotes_nothing(
+    params: Params, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracking server that is down (or credentials that expired): fail closed, in one line."""
+    publish(good_model(), params)
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    capsys.readouterr()
+    assert evaluate.main([]) == evaluate.GATE_UNDECIDED_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: GATE UNDECIDED: the MLflow store http://127.0.0.1:{port} failed")
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    assert gate()["decision"] == "undecided"

@@ -391,12 +391,13 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
         min_score=cfg.min_score,
         margin=cfg.promotion_margin,
     )
-    uri = registry.configure(params.mlflow)
+    uri = registry.tracking_uri(params.mlflow)
     try:
+        registry.configure(params.mlflow)
         summary = _gate(d, test, info, report, replace_unloadable, uri)
     except ProjectError:
         raise
-    except Exception as exc:  # the store failed mid-way: nothing more moves, say so
+    except Exception as exc:  # the store is down or failed mid-way: nothing moves, say so
         d.decision = "undecided"
         d.reason = f"the MLflow store {registry.portable_uri(uri)} failed ({_one_line(exc)})"
         summary = _undecided(d)

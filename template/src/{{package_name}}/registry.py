@@ -411,6 +411,14 @@ def load_version(model_name: str, version: str) -> TabularClassifier:
         return load_model(path)
 
 
+def version_details(model_name: str, version: str) -> dict[str, Any]:
+    """A version's run id and tags (git commit, data hashes), for whoever ships it."""
+    from mlflow import MlflowClient
+
+    found = MlflowClient().get_model_version(model_name, str(version))
+    return {"run_id": found.run_id, "tags": dict(found.tags)}
+
+
 def _is_pytorch_flavour(root: str) -> bool:
     import mlflow
     import yaml

@@ -1,0 +1,100 @@
+"""The service's request schema and prediction log, without a server."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from my_ml_project.features import FeatureSpec
+from my_ml_project.predlog import PredictionLog
+from my_ml_project.serving import ServeSettings, rows_type
+
+SPEC = FeatureSpec.build(
+    ["size", "member", "plan"],
+    {"size": "numeric", "member": "boolean", "plan": "categorical"},
+    {"plan": ["basic", "pro"]},
+)
+ROW = {"size": 1.5, "member": True, "plan": "pro"}
+
+
+def rows(spec: FeatureSpec = SPEC, max_rows: int = 3) -> TypeAdapter:
+    return TypeAdapter(rows_type(spec, max_rows))
+
+
+def test_schema_accepts_a_typed_row() -> None:
+    assert rows().validate_json(json.dumps([ROW, {**ROW, "size": 2}]))[1].size == 2
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({"member": True, "plan": "pro"}, "size"),
+        ({**ROW, "extra": 1}, "extra"),
+        ({**ROW, "size": "1.5"}, "size"),
+        ({**ROW, "member": "yes"}, "member"),
+        ({**ROW, "size": None}, "size"),
+    ],
+)
+def test_schema_refuses_bad_rows_naming_the_field(row: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        rows().validate_json(json.dumps([row]))
+    assert field in {str(part) for e in error.value.errors() for part in e["loc"]}
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_schema_refuses_non_finite_numbers(literal: str) -> None:
+    with pytest.raises(ValidationError):
+        rows().validate_json(json.dumps([ROW]).replace("1.5", literal))
+
+
+@pytest.mark.parametrize("count", [0, 4])
+def test_schema_bounds_the_row_count(count: int) -> None:
+    with pytest.raises(ValidationError):
+        rows().validate_python([ROW] * count)
+
+
+def test_null_only_where_the_model_imputes() -> None:
+    spec = FeatureSpec.build(SPEC.names, SPEC.kinds, SPEC.categories, missing="impute")
+    assert rows(spec).validate_python([{**ROW, "size": None}])[0].size is None
+
+
+def test_settings_from_the_environment() -> None:
+    settings = ServeSettings.from_env({"SERVE_MAX_ROWS": "5", "PREDICTION_LOG": "off"})
+    assert (settings.max_rows, settings.log_enabled, settings.token) == (5, False, None)
+    with pytest.raises(ValueError, match="SERVE_MAX_ROWS"):
+        ServeSettings.from_env({"SERVE_MAX_ROWS": "-1"})
+
+
+def test_log_writes_every_record_once_from_many_threads(tmp_path) -> None:
+    log = PredictionLog(tmp_path, flush_s=0.01)
+    answer = {"label": "pro", "probabilities": {"a": 0.25, "b": 0.75}}
+
+    def serve(i: int) -> None:
+        for j in range(50):
+            log.record(f"{i}-{j}", "3", [ROW, ROW], [answer, answer])
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.close()
+    files = list(tmp_path.glob("date=*/predictions-*.jsonl"))
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert len(records) == 8 * 50 * 2
+    assert len({r["request_id"] for r in records}) == 400
+    assert records[0]["inputs"] == ROW
+    assert records[0]["model_version"] == "3"
+    assert records[0]["probabilities"] == answer["probabilities"]
+
+
+def test_log_is_bounded(tmp_path) -> None:
+    log = PredictionLog(tmp_path, max_pending=2, flush_s=60)
+    for i in range(5):
+        log.record(str(i), "1", [ROW], [{"label": "x"}])
+    log.close()
+    assert log.dropped == 3
+    assert len(next(tmp_path.rglob("*.jsonl")).read_text().splitlines()) == 2

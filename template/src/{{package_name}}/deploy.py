@@ -1,0 +1,292 @@
+"""Ship a registered model as a Bento (``nox -s deploy``), and serve it (``nox -s serve``).
+
+``deploy [--version N | --alias A] [--containerize]``: import the version (default: the
+``champion``) into BentoML's model store, with the registry name and version, the MLflow run id,
+the git commit and the data hashes as metadata; build the Bento (the service's modules only;
+Python packages from uv.lock, never locked again at build time); start it on a free loopback port,
+check its answers on the test split against the model's own; print the Bento tag. A version
+already imported and a Bento of the same sources are reused: nothing is rebuilt.
+
+``serve [--host H] [--port P] [--reload]``: the latest Bento in the foreground (``--reload``:
+the service from the source tree, restarted on edits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .config import ProjectError, cli_errors, load_params
+from .serving import torch_backend
+
+PACKAGE = __package__
+MODEL_NAME = PACKAGE.replace("_", "-")  # as service.py names it
+SERVICE = f"{PACKAGE}.service:Predictor"
+# What the service imports: the Bento holds these and nothing else of the project.
+SERVICE_MODULES = (
+    "__init__.py", "config.py", "features.py", "fileio.py", "model.py",
+    "predlog.py", "serving.py", "service.py",
+)  # fmt: skip
+PYTORCH_INDEX = "https://download.pytorch.org/whl/{}"
+CUDA_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04"
+SRC = Path("src")
+
+
+class DeployError(ProjectError):
+    """The model cannot be shipped or served (the message says why and what to do)."""
+
+
+def import_model(name: str, selector: dict[str, str]) -> Any:
+    """The BentoML model of a registry version (imported now unless it is there already)."""
+    import bentoml
+
+    from . import registry
+    from .model import save_model
+
+    registry.configure(load_params().mlflow)
+    version = selector.get("version") or registry.get_alias_version(name, selector["alias"])
+    if version is None:
+        raise DeployError(f"no version of '{name}' has alias '{selector['alias']}': train first")
+    details = registry.version_details(name, version)
+    for model in _listed(bentoml.models.list):
+        meta = model.info.metadata
+        if (meta.get("registry_version"), meta.get("run_id")) == (version, details["run_id"]):
+            return model
+    model = registry.load_version(name, version)
+    tags = details["tags"]
+    metadata = {
+        "registry_name": name,
+        "registry_version": version,
+        "run_id": details["run_id"],
+        "git_commit": tags.get("git.commit", "unknown"),
+        "data_version": {k: v for k, v in tags.items() if k.startswith("data.")},
+        "config": model.config(),
+    }
+    with bentoml.models.create(MODEL_NAME, metadata=metadata, labels={"stage": "served"}) as bm:
+        save_model(model, bm.path_of("model.pt"))
+    return bentoml.models.get(bm.tag)
+
+
+def _listed(lister: Any) -> list[Any]:
+    """The models or Bentos named after the project ([] when none: BentoML raises)."""
+    import bentoml
+
+    try:
+        return lister(MODEL_NAME)
+    except bentoml.exceptions.NotFound:
+        return []
+
+
+def _requirements(folder: Path) -> Path:
+    """requirements.txt from uv.lock (no resolution), torch from the accelerator's index."""
+    out = subprocess.run(
+        ["uv", "export", "--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "--no-header"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    torch = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.__version__.split('+')[0])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    backend = torch_backend()
+    index = PYTORCH_INDEX.format(backend if backend.startswith("cu") else "cpu")
+    path = folder / "bento-requirements.txt"
+    path.write_text(f"--extra-index-url {index}\n{out}torch=={torch}\n", encoding="utf-8")
+    return path
+
+
+def _source_hash(model_tag: str) -> str:
+    digest = hashlib.sha256(model_tag.encode())
+    digest.update(torch_backend().encode())
+    for name in (*SERVICE_MODULES, "../../uv.lock"):
+        digest.update((SRC / PACKAGE / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_bento(model: Any) -> Any:
+    """The Bento of the service with ``model`` (an existing one when nothing changed)."""
+    import bentoml
+
+    source = _source_hash(str(model.tag))
+    for bento in _listed(bentoml.bentos.list):
+        if bento.info.labels.get("source") == source:
+            return bento
+    cuda = torch_backend().startswith("cu")
+    docker: dict[str, Any] = {"env": {"TORCH_BACKEND": torch_backend()}}
+    docker |= {"base_image": CUDA_IMAGE} if cuda else {"python_version": _python()}
+    # BentoML reads the file only inside build_ctx: written there for the build, then removed.
+    requirements = _requirements(SRC)
+    try:
+        return bentoml.bentos.build(
+            SERVICE,
+            name=MODEL_NAME,
+            labels={"source": source, "model": str(model.tag)},
+            build_ctx=str(SRC),
+            include=[f"{PACKAGE}/{name}" for name in SERVICE_MODULES],
+            python={"requirements_txt": requirements.name, "lock_packages": False},
+            docker=docker,
+            models=[str(model.tag)],
+        )
+    finally:
+        requirements.unlink()
+
+
+def _python() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> float:
+    """Seconds until ``/readyz`` answers 200; DeployError when the server exits or times out."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise DeployError(f"the service exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            time.sleep(0.2)
+    raise DeployError(f"the service was not ready after {timeout:.0f} s")
+
+
+def post(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
+    """POST JSON; (status, parsed body, headers) whatever the status."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read()), dict(answer.headers)
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = {"error": text.decode(errors="replace")}
+        return exc.code, parsed, dict(exc.headers)
+
+
+def smoke_test(tag: str) -> None:
+    """Serve the Bento on a free loopback port; its answers on the test split must be the
+    model's own (labels equal, probabilities within 1e-5)."""
+    import bentoml
+
+    from .data import load_frame
+    from .model import load_model, predict_frame
+
+    frame, schema = load_frame("test")
+    rows = json.loads(frame[schema.features].to_json(orient="records"))
+    stored = bentoml.models.get(bentoml.get(tag).info.labels["model"])
+    model = load_model(stored.path_of("model.pt"))
+    expected = predict_frame(model, frame[schema.features])
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="smoke-log-") as logs:
+        env = {**os.environ, "PREDICTION_LOG_DIR": logs, "SERVICE_API_TOKEN": ""}
+        proc = subprocess.Popen(
+            ["bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            ready = wait_ready(f"http://127.0.0.1:{port}", proc)
+            status, body, _ = post(f"http://127.0.0.1:{port}/predict", {"rows": rows})
+        finally:
+            stop(proc)
+    if status != 200:
+        raise DeployError(f"smoke test: /predict answered {status}: {body}")
+    _compare(body["predictions"], expected, model.class_names)
+    print(f"smoke test: {len(rows)} test rows answered as the model does (ready in {ready:.1f} s)")
+
+
+def _compare(answers: list[dict], expected: Any, classes: list[str]) -> None:
+    labels = [a["label"] for a in answers]
+    if labels != expected["label"].tolist():
+        raise DeployError("smoke test: the service's labels differ from the model's")
+    for answer, (_, row) in zip(answers, expected.iterrows(), strict=True):
+        if any(abs(answer["probabilities"][c] - row[c]) > 1e-5 for c in classes):
+            raise DeployError("smoke test: the service's probabilities differ from the model's")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the server's process group (its workers too); SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def containerize(tag: str) -> None:
+    """``bentoml containerize``, where a container engine answers."""
+    engine = next((e for e in ("docker", "podman") if shutil.which(e)), None)
+    if engine is None or subprocess.run([engine, "info"], capture_output=True).returncode != 0:
+        raise DeployError("no container engine (docker or podman) is running here: image not built")
+    subprocess.run(["bentoml", "containerize", tag, "--backend", engine], check=True)
+
+
+def serve(host: str, port: int, reload: bool) -> None:
+    """Replace this process with ``bentoml serve`` (signals reach it directly: no orphans)."""
+    import bentoml
+
+    if reload:
+        target = [SERVICE, "--working-dir", str(SRC), "--reload"]
+    else:
+        try:
+            target = [str(bentoml.get(f"{MODEL_NAME}:latest").tag)]
+        except bentoml.exceptions.NotFound:
+            raise DeployError("no Bento built yet: run `nox -s deploy` first") from None
+    os.environ.setdefault("PREDICTION_LOG_DIR", str(Path("logs/predictions").resolve()))
+    command = ["bentoml", "serve", *target, "--host", host, "--port", str(port)]
+    os.execvp(command[0], command)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deploy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ship = sub.add_parser("deploy", help="import, build, smoke-test; print the Bento tag")
+    which = ship.add_mutually_exclusive_group()
+    which.add_argument("--version", help="registry version (default: the alias)")
+    which.add_argument("--alias", default="champion", help="registry alias (default: champion)")
+    ship.add_argument("--containerize", action="store_true", help="also build the image")
+    run = sub.add_parser("serve", help="serve the latest Bento in the foreground")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=3000)
+    run.add_argument("--reload", action="store_true", help="serve the source tree, reload on edits")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.host, args.port, args.reload)
+        return 0
+    selector = {"version": args.version} if args.version else {"alias": args.alias}
+    model = import_model(load_params().mlflow.model_name, selector)
+    bento = build_bento(model)
+    smoke_test(str(bento.tag))
+    if args.containerize:
+        containerize(str(bento.tag))
+    print(f"bento: {bento.tag}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

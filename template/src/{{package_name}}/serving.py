@@ -1,0 +1,133 @@
+"""What the HTTP service checks and answers, without BentoML: settings, the request schema, the
+answer, and the ASGI guard (token, body size). ``service.py`` wires these into BentoML.
+
+The request schema is built from the model's own :class:`~.features.FeatureSpec`: one field per
+feature, typed by its kind (numbers, true/false, category labels as text), unknown fields and
+non-finite numbers refused. ``null`` is accepted only for a model trained with
+``data.missing: impute`` (it learned fill values); any other model would refuse the gap anyway.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
+
+from .features import BOOLEAN, CATEGORICAL, IMPUTE, FeatureSpec
+
+# Routes that answer without the token: probes and Prometheus must work without secrets.
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+REQUEST_ID = "x-request-id"
+OFF = ("off", "0", "false", "no")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _int_env(environ: MutableMapping[str, str] | os._Environ, name: str, default: int) -> int:
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive whole number")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The service's settings, from the environment (read once, at start-up)."""
+
+    max_rows: int = 1000
+    max_body_bytes: int = 1 << 20
+    log_dir: Path = Path("logs/predictions")
+    log_enabled: bool = True
+    workers: int = 1
+    token: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: MutableMapping[str, str] | None = None) -> ServeSettings:
+        """SERVE_MAX_ROWS, SERVE_MAX_BODY_BYTES, SERVE_WORKERS, PREDICTION_LOG_DIR,
+        PREDICTION_LOG (``off`` disables it), SERVICE_API_TOKEN."""
+        env = os.environ if environ is None else environ
+        return cls(
+            max_rows=_int_env(env, "SERVE_MAX_ROWS", cls.max_rows),
+            max_body_bytes=_int_env(env, "SERVE_MAX_BODY_BYTES", cls.max_body_bytes),
+            log_dir=Path(env.get("PREDICTION_LOG_DIR") or cls.log_dir),
+            log_enabled=env.get("PREDICTION_LOG", "on").strip().lower() not in OFF,
+            workers=_int_env(env, "SERVE_WORKERS", cls.workers),
+            token=env.get("SERVICE_API_TOKEN") or None,
+        )
+
+
+def torch_backend(environ: MutableMapping[str, str] | None = None) -> str:
+    """The project's PyTorch build (``cpu``, ``cu128``, ``auto``), as ``nox`` passes it on."""
+    return (os.environ if environ is None else environ).get("TORCH_BACKEND", "cpu")
+
+
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Label = StrictStr | StrictInt
+
+
+def row_model(spec: FeatureSpec) -> type[BaseModel]:
+    """A pydantic model of one input row: the model's features by name, typed by kind."""
+    types = {BOOLEAN: StrictBool, CATEGORICAL: Label}
+    fields: dict[str, Any] = {}
+    for name in spec.names:
+        kind: Any = types.get(spec.kinds[name], Number)
+        fields[name] = (kind | None if spec.missing == IMPUTE else kind, ...)
+    return create_model("Row", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+def rows_type(spec: FeatureSpec, max_rows: int) -> Any:
+    """The type of the ``rows`` field: 1 to ``max_rows`` rows."""
+    return Annotated[list[row_model(spec)], Field(min_length=1, max_length=max_rows)]
+
+
+def predictions(labels: list[str], proba: list[list[float]], classes: list[str]) -> list[dict]:
+    """``[{"label": ..., "probabilities": {class: p}}]`` in row order."""
+    return [
+        {"label": label, "probabilities": dict(zip(classes, row, strict=True))}
+        for label, row in zip(labels, proba, strict=True)
+    ]
+
+
+class Guard:
+    """ASGI middleware: the bearer token (when set) and the body size limit, before any parsing.
+
+    Probes and metrics stay open. The token is compared in constant time and never logged.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None = None, max_body_bytes: int = 1 << 20):
+        self.app, self.max_body = app, max_body_bytes
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.expected is not None and not hmac.compare_digest(
+            headers.get(b"authorization", b""), self.expected
+        ):
+            return await _reply(send, 401, "missing or wrong bearer token (Authorization header)")
+        length = headers.get(b"content-length")
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            return await _reply(send, 411, "a Content-Length header is required")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await _reply(send, 413, f"request body over {self.max_body} bytes")
+        return await self.app(scope, receive, send)
+
+
+async def _reply(send: Any, status: int, reason: str) -> None:
+    body = json.dumps({"error": reason}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

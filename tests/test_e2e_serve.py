@@ -1,0 +1,210 @@
+"""End to end: the trained project's champion shipped (`nox -s deploy`) and served (`nox -s serve`).
+
+One server for the module, over the shared ``trained`` project: started once, with a token, and
+stopped by the last test with SIGTERM, as a supervisor would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+from e2e import Project, free_port
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "e2e-secret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    project: Project
+
+
+def call(
+    url: str, body: bytes | None = None, headers: dict | None = None
+) -> tuple[int, dict, dict]:
+    request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            text, status, head = answer.read(), answer.status, dict(answer.headers)
+    except urllib.error.HTTPError as exc:
+        text, status, head = exc.read(), exc.code, dict(exc.headers)
+    try:
+        return status, json.loads(text), head
+    except ValueError:
+        return status, {"text": text.decode(errors="replace")}, head
+
+
+def predict(server: Server, rows: list, headers: dict | None = None) -> tuple[int, dict, dict]:
+    body = json.dumps({"rows": rows}).encode()
+    return call(f"{server.url}/predict", body, {**AUTH, **(headers or {})})
+
+
+@pytest.fixture(scope="module")
+def server(trained: Project) -> Iterator[Server]:
+    result = trained.nox("deploy")
+    assert "bento: my-ml-project:" in result.stdout + result.stderr
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nox", "-s", "serve", "--", "--port", str(port)],
+        cwd=trained.path,
+        env={**trained.env, "SERVICE_API_TOKEN": TOKEN, "SERVE_MAX_ROWS": "200"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not _ready(url):
+        assert proc.poll() is None, "the service exited before it was ready"
+        assert time.monotonic() < deadline, "the service never got ready"
+        time.sleep(0.3)
+    yield Server(url, proc, trained)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return call(f"{url}/readyz")[0] == 200
+    except OSError:
+        return False
+
+
+ROWS = """
+import json, pandas as pd
+frame = pd.read_parquet("data/processed/test.parquet")
+target = json.load(open("data/processed/schema.json"))["target"]
+rows = json.loads(frame.drop(columns=[target]).to_json(orient="records"))
+print(json.dumps([rows, [str(v) for v in frame[target]]]))
+"""
+
+
+@pytest.fixture(scope="module")
+def test_rows(trained: Project) -> tuple[list[dict], list[str]]:
+    """The test split's feature rows (as JSON would carry them) and labels."""
+    rows, labels = json.loads(trained.py("-c", ROWS).stdout)
+    return rows, labels
+
+
+def test_second_deploy_reuses_the_bento(server: Server) -> None:
+    result = server.project.nox("deploy")
+    tags = [line for line in result.stdout.splitlines() if line.startswith("bento: ")]
+    assert tags, result.stdout
+    listed = server.project.run(
+        str(server.project.venv / "bin" / "bentoml"), "list", "-o", "json",
+        BENTOML_HOME=str(server.project.path / ".bentoml"),
+    ).stdout  # fmt: skip
+    assert len(json.loads(listed)) == 1
+
+
+def test_test_split_answers_match_the_champion(server: Server, test_rows) -> None:
+    rows, labels = test_rows
+    status, body, head = predict(server, rows)
+    assert status == 200, body
+    registry = server.project.registry()
+    assert body["model_version"] == str(registry["champion"])
+    assert head.get("x-request-id")
+    answered = [p["label"] for p in body["predictions"]]
+    accuracy = sum(a == y for a, y in zip(answered, labels, strict=True)) / len(labels)
+    # The logged metric is rounded to 6 decimals.
+    assert accuracy == pytest.approx(registry["metrics"]["test_accuracy"], abs=1e-6)
+    for p in body["predictions"]:
+        assert math.isclose(sum(p["probabilities"].values()), 1.0, abs_tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "named"),
+    [
+        (lambda r: r.pop(next(iter(r))), 400, True),
+        (lambda r: r.update(unknown_field=1), 400, "unknown_field"),
+        (lambda r: r.update({next(iter(r)): "abc"}), 400, True),
+        (lambda r: r.update({next(iter(r)): None}), 400, True),
+    ],
+    ids=["missing", "extra", "wrong-type", "null"],
+)
+def test_bad_rows_get_a_4xx_naming_the_field(server, test_rows, change, status, named) -> None:
+    row = dict(test_rows[0][0])
+    field = next(iter(row))
+    change(row)
+    code, body, _ = predict(server, [row])
+    assert code == status, body
+    assert (field if named is True else named) in json.dumps(body)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_get_a_400(server, test_rows, literal) -> None:
+    row = dict(test_rows[0][0])
+    field = next(iter(row))
+    text = json.dumps({"rows": [row]}).replace(
+        f'"{field}": {json.dumps(row[field])}', f'"{field}": {literal}'
+    )
+    code, body, _ = call(f"{server.url}/predict", text.encode(), AUTH)
+    assert code == 400, body
+    assert field in json.dumps(body)
+
+
+def test_bad_bodies_get_a_4xx_and_the_server_keeps_serving(server, test_rows) -> None:
+    rows = test_rows[0]
+    assert predict(server, [])[0] == 400
+    assert predict(server, rows[:1] * 201)[0] == 400  # SERVE_MAX_ROWS=200
+    assert call(f"{server.url}/predict", b"not json", AUTH)[0] == 400
+    assert call(f"{server.url}/predict", b"[" * (2 << 20), AUTH)[0] == 413
+    assert predict(server, rows[:2])[0] == 200
+
+
+def test_token_is_enforced_but_probes_stay_open(server, test_rows) -> None:
+    body = json.dumps({"rows": test_rows[0][:1]}).encode()
+    assert call(f"{server.url}/predict", body)[0] == 401
+    assert call(f"{server.url}/predict", body, {"Authorization": "Bearer wrong"})[0] == 401
+    for path in ("/healthz", "/livez", "/readyz", "/metrics"):
+        assert call(f"{server.url}{path}")[0] == 200, path
+    docs = call(f"{server.url}/docs.json", headers=AUTH)[1]
+    assert next(iter(test_rows[0][0])) in json.dumps(docs)
+
+
+def test_concurrent_requests_are_each_logged_once(server, test_rows) -> None:
+    rows = test_rows[0][:3]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: predict(server, rows), range(200)))
+    assert all(status == 200 for status, _, _ in answers)
+    ids = {head["x-request-id"] for _, _, head in answers}
+    assert len(ids) == 200
+    time.sleep(2)  # the writer flushes every 0.5 s
+    records = []
+    for path in (server.project.path / "logs" / "predictions").rglob("*.jsonl"):
+        records += [json.loads(line) for line in path.read_text().splitlines()]
+    mine = [r for r in records if r["request_id"] in ids]
+    assert len(mine) == 200 * len(rows)
+    assert {r["model_version"] for r in mine} == {str(server.project.registry()["champion"])}
+    assert all(set(r["inputs"]) == set(rows[0]) and r["ts"].endswith("+00:00") for r in mine)
+
+
+def test_sigterm_stops_every_process(server: Server) -> None:
+    os.killpg(server.proc.pid, signal.SIGTERM)
+    server.proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.killpg(server.proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "processes of the server outlived SIGTERM"
+        time.sleep(0.5)
