@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from e2e import Project, free_port
@@ -61,6 +62,7 @@ def predict(server: Server, rows: list, headers: dict | None = None) -> tuple[in
 def server(trained: Project) -> Iterator[Server]:
     result = trained.nox("deploy")
     assert "bento: my-ml-project:" in result.stdout + result.stderr
+    assert not server_processes(trained), "the deploy smoke test left a server process behind"
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "nox", "-s", "serve", "--", "--port", str(port)],
@@ -79,6 +81,25 @@ def server(trained: Project) -> Iterator[Server]:
     yield Server(url, proc, trained)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
+    for pid in server_processes(trained):  # workers live in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+
+
+def server_processes(project: Project) -> list[int]:
+    """Every live process of the project's BentoML server, by the BENTOML_HOME it runs with.
+
+    Found through /proc rather than the process tree: BentoML starts each worker in a session
+    of its own, and a worker whose arbiter died is re-parented to init.
+    """
+    marker = f"BENTOML_HOME={project.path / '.bentoml'}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 def _ready(url: str) -> bool:
@@ -198,13 +219,11 @@ def test_concurrent_requests_are_each_logged_once(server, test_rows) -> None:
 
 
 def test_sigterm_stops_every_process(server: Server) -> None:
+    running = server_processes(server.project)
+    assert len(running) >= 2, "an arbiter and at least one worker"
     os.killpg(server.proc.pid, signal.SIGTERM)
     server.proc.wait(timeout=60)
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            os.killpg(server.proc.pid, 0)
-        except ProcessLookupError:
-            break
-        assert time.monotonic() < deadline, "processes of the server outlived SIGTERM"
+    while left := server_processes(server.project):
+        assert time.monotonic() < deadline, f"processes {left} outlived SIGTERM"
         time.sleep(0.5)

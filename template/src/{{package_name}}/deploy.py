@@ -14,6 +14,7 @@ the service from the source tree, restarted on edits).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -227,7 +228,18 @@ def _compare(answers: list[dict], expected: Any, classes: list[str]) -> None:
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM to the server's process group (its workers too); SIGKILL if it lingers."""
+    """SIGTERM to the server's process group; SIGKILL if it lingers; then its workers.
+
+    BentoML starts each worker in a session of its own, so a signal to the group does not
+    reach them: they stop when the arbiter stops them, and any left (the arbiter killed or
+    crashed) are found as its descendants, recorded before, and stopped here.
+    """
+    import psutil  # a BentoML dependency
+
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -235,6 +247,13 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.terminate()
+    _, alive = psutil.wait_procs(workers, timeout=timeout)
+    for worker in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
 
 
 def containerize(tag: str) -> None:
