@@ -18,8 +18,12 @@ A file without the model's columns, or one that cannot be read, is one ``error:`
 from __future__ import annotations
 
 import argparse
+import contextlib
+import queue
 import sys
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from .config import ProjectError, cli_errors, load_params
@@ -45,8 +50,16 @@ READ_ERRORS = (OSError, ValueError, pa.ArrowException, UnicodeDecodeError)
 
 @dataclass
 class Counts:
-    scored: int = 0
+    rows: int = 0
     rejected: int = 0
+
+    @property
+    def scored(self) -> int:
+        return self.rows - self.rejected
+
+    def update(self, rows: int, rejected: int) -> None:
+        self.rows += rows
+        self.rejected += rejected
 
 
 def file_format(path: Path) -> str:
@@ -58,17 +71,14 @@ def file_format(path: Path) -> str:
         ) from None
 
 
-def read_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
-    """The rows of a CSV or Parquet file, ``chunk_rows`` at a time, indexed by row number from 1."""
-    start = 1
+def read_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """The rows of a CSV or Parquet file as Arrow tables of ``chunk_rows`` rows at most."""
     if file_format(path) == PARQUET:
-        batches = (b.to_pandas() for b in pq.ParquetFile(path).iter_batches(chunk_rows))
+        for batch in pq.ParquetFile(path).iter_batches(chunk_rows):
+            yield pa.Table.from_batches([batch])
     else:
-        batches = pd.read_csv(path, chunksize=chunk_rows)
-    for chunk in batches:
-        chunk.index = pd.RangeIndex(start, start + len(chunk), name="row")
-        start += len(chunk)
-        yield chunk
+        for chunk in pd.read_csv(path, chunksize=chunk_rows):
+            yield pa.Table.from_pandas(chunk, preserve_index=False)
 
 
 def row_count(path: Path) -> int | None:
@@ -77,79 +87,87 @@ def row_count(path: Path) -> int | None:
 
 
 def score_chunk(
-    model: TabularClassifier, chunk: pd.DataFrame, keep: Sequence[str] | None, version: str
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(scored rows, rejected rows) of one chunk. The common case is one call on the whole
-    chunk; only a chunk the model refuses is checked row by row, and its good rows scored."""
+    model: TabularClassifier,
+    table: pa.Table,
+    first_row: int,
+    keep: Sequence[str] | None,
+    version: str,
+) -> tuple[pa.Table, pd.DataFrame]:
+    """(scored rows, rejected rows with ``row`` and ``reason``) of one chunk, its first row
+    numbered ``first_row``. The common case is one :func:`predict_frame` on the whole chunk;
+    only a chunk the model refuses is checked row by row, and its good rows scored. The kept
+    columns go from input to output as Arrow arrays, never through pandas."""
+    features = [name for name in model.spec.names if name in table.column_names]
+    frame = table.select(features).to_pandas()
+    frame.index = pd.RangeIndex(first_row, first_row + len(frame), name="row")
+    kept = table if keep is None else table.select(list(keep))
+    rejected = pd.DataFrame(columns=[*REJECT_COLUMNS, *kept.column_names])
     try:
-        answers = predict_frame(model, chunk)
-        rejects = chunk.iloc[:0]
-        reasons = np.array([], dtype=object)
+        answers = predict_frame(model, frame)
     except ModelInputError:
-        reasons_all = model.spec.row_errors(chunk)  # raises for missing columns: every row
-        bad = pd.notna(reasons_all)
-        rejects, reasons = chunk[bad], reasons_all[bad]
-        chunk = chunk[~bad]
-        answers = predict_frame(model, chunk)
-    scored = pd.concat([_kept(chunk, keep), answers.reset_index(drop=True)], axis=1)
-    scored[VERSION_COLUMN] = version
-    why = pd.DataFrame({"row": rejects.index.to_numpy(), "reason": reasons})
-    return scored, pd.concat([why, _kept(rejects, keep)], axis=1)
+        reasons = model.spec.row_errors(frame)  # raises for missing columns: every row
+        bad = pd.notna(reasons)
+        rejected = pd.DataFrame({"row": frame.index[bad], "reason": reasons[bad]})
+        rejected = pd.concat([rejected, kept.filter(pa.array(bad)).to_pandas()], axis=1)
+        kept = kept.filter(pa.array(~bad))
+        answers = predict_frame(model, frame[~bad])
+    for name in answers.columns:
+        kept = kept.append_column(name, pa.array(answers[name].to_numpy(), _arrow_type(name)))
+    return kept.append_column(VERSION_COLUMN, _constant(version, len(answers))), rejected
 
 
-def _kept(frame: pd.DataFrame, keep: Sequence[str] | None) -> pd.DataFrame:
-    return (frame if keep is None else frame[list(keep)]).reset_index(drop=True)
+def _arrow_type(column: str) -> pa.DataType:
+    return pa.string() if column == "label" else pa.float64()
+
+
+def _constant(text: str, rows: int) -> pa.Array:
+    codes = pa.array(np.zeros(rows, dtype=np.int32))
+    return pa.DictionaryArray.from_arrays(codes, pa.array([text])).cast(pa.string())
 
 
 class ChunkWriter:
-    """Appends frames to one CSV or Parquet file (the schema is the first frame's)."""
+    """Appends Arrow tables to one CSV or Parquet file (the schema is the first table's)."""
 
     def __init__(self, path: Path, fmt: str) -> None:
         self.path, self.format = path, fmt
-        self._parquet: pq.ParquetWriter | None = None
-        self._csv: Any = None
+        self._writer: Any = None
+        self._schema: pa.Schema | None = None
 
-    def write(self, frame: pd.DataFrame) -> None:
-        if self.format == CSV:
-            first = self._csv is None
-            if first:
-                self._csv = open(self.path, "w", encoding="utf-8", newline="")  # noqa: SIM115
-            frame.to_csv(self._csv, header=first, index=False)
-            return
-        if self._parquet is None:
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            self._parquet = pq.ParquetWriter(self.path, table.schema)
-        else:
+    def write(self, table: pa.Table) -> None:
+        if self._schema is None:
+            self._schema, self._writer = table.schema, self._open(table.schema)
+        elif table.schema != self._schema:
             try:
-                table = pa.Table.from_pandas(
-                    frame, schema=self._parquet.schema, preserve_index=False
-                )
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                table = table.cast(self._schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise ProjectError(f"a column changed type between chunks: {exc}") from None
-        self._parquet.write_table(table)
+        self._writer.write_table(table)
 
-    def close(self, empty: pd.DataFrame) -> None:
+    def _open(self, schema: pa.Schema) -> Any:
+        if self.format == CSV:
+            return pa_csv.CSVWriter(self.path, schema)
+        # Dictionary encoding only for text: tried on every float column, it is wasted work.
+        text = [f.name for f in schema if not pa.types.is_floating(f.type)]
+        return pq.ParquetWriter(self.path, schema, use_dictionary=text)
+
+    def close(self, empty: pa.Table) -> None:
         """Finish the file; with nothing written, an empty one with ``empty``'s columns."""
-        if self._parquet is None and self._csv is None:
+        if self._writer is None:
             self.write(empty)
-        if self._parquet is not None:
-            self._parquet.close()
-        if self._csv is not None:
-            self._csv.close()
+        self._writer.close()
 
 
-def _check_columns(model: TabularClassifier, chunk: pd.DataFrame, keep: Sequence[str] | None):
-    outputs = {"label", VERSION_COLUMN, *model.class_names}
-    kept = chunk.columns if keep is None else keep
-    absent = [c for c in keep or () if c not in chunk.columns]
+def _check_columns(model: TabularClassifier, table: pa.Table, keep: Sequence[str] | None):
+    absent = [c for c in keep or () if c not in table.column_names]
     if absent:
         raise ProjectError(f"--keep names columns the input lacks: {', '.join(absent)}")
-    clash = sorted(outputs & {str(c) for c in kept})
+    outputs = {"label", VERSION_COLUMN, *model.class_names}
+    clash = sorted(outputs & set(table.column_names if keep is None else keep))
     if clash:
         raise ProjectError(
             f"input columns {clash} would clash with the output's: keep others with --keep"
         )
-    model.spec.row_errors(chunk.iloc[:0])  # missing feature columns: one clear error
+    model.spec.row_errors(table.slice(0, 0).to_pandas())  # missing feature columns: one error
 
 
 def score_file(
@@ -163,42 +181,91 @@ def score_file(
     chunk_rows: int = CHUNK_ROWS,
     progress: bool = True,
 ) -> Counts:
-    """Score ``source`` into ``output`` and ``rejects_path`` (both written atomically)."""
+    """Score ``source`` into ``output`` and ``rejects_path`` (both written atomically).
+
+    Reading the next chunk and writing the last one run in threads beside the scoring of this
+    one (Arrow and torch release the GIL): on a small model, input and output cost more than
+    the model. At most a few chunks are in memory at once.
+    """
     from tqdm import tqdm
 
     if not source.is_file():
         raise ProjectError(f"input file {source} not found")
+    try:
+        total = row_count(source)
+    except READ_ERRORS as exc:
+        raise _unreadable(source, exc) from None
     counts = Counts()
-    with atomic_path(output) as tmp_out, atomic_path(rejects_path) as tmp_rej:
-        out, rej = ChunkWriter(tmp_out, file_format(output)), ChunkWriter(tmp_rej, CSV)
+    empty = rejected_empty = None
+    with (
+        atomic_path(output) as tmp_out,
+        atomic_path(rejects_path) as tmp_rej,
+        ThreadPoolExecutor(1, thread_name_prefix="write") as pool,
+        tqdm(total=total, unit="rows", disable=not progress, file=sys.stderr) as bar,
+    ):
+        out, writing = ChunkWriter(tmp_out, file_format(output)), None
         try:
-            total = row_count(source)
-        except READ_ERRORS as exc:
-            raise _unreadable(source, exc) from None
-        bar = tqdm(total=total, unit="rows", disable=not progress, file=sys.stderr)
-        try:
-            empty_out = empty_rej = None
-            for chunk in _readable(read_chunks(source, chunk_rows), source):
-                if empty_out is None:
-                    _check_columns(model, chunk, keep)
-                    empty_out, empty_rej = score_chunk(model, chunk.iloc[:0], keep, version)
-                scored, rejected = score_chunk(model, chunk, keep, version)
-                out.write(scored)
+            chunks = _prefetched(_readable(read_chunks(source, chunk_rows), source))
+            for table in chunks:
+                if empty is None:
+                    _check_columns(model, table, keep)
+                    empty, rejected_empty = score_chunk(model, table.slice(0, 0), 1, keep, version)
+                scored, rejected = score_chunk(model, table, counts.rows + 1, keep, version)
+                if writing is not None:
+                    writing.result()
+                writing = pool.submit(out.write, scored)
                 if len(rejected):
-                    rej.write(rejected)
-                counts.scored += len(scored)
-                counts.rejected += len(rejected)
-                bar.update(len(chunk))
-            if empty_out is None:
+                    header = not counts.rejected
+                    rejected.to_csv(tmp_rej, mode="a", header=header, index=False)
+                counts.update(len(table), len(rejected))
+                bar.update(len(table))
+            if writing is not None:
+                writing.result()
+            if empty is None:
                 raise ProjectError(f"{source} has no rows")
         finally:
-            bar.close()
-            out.close(empty_out if empty_out is not None else pd.DataFrame())
-            rej.close(empty_rej if empty_rej is not None else pd.DataFrame(columns=REJECT_COLUMNS))
+            out.close(empty if empty is not None else pa.table({}))
+        if not counts.rejected:
+            pd.DataFrame(columns=rejected_empty.columns).to_csv(tmp_rej, index=False)
     return counts
 
 
-def _readable(chunks: Iterator[pd.DataFrame], source: Path) -> Iterator[pd.DataFrame]:
+def _prefetched(chunks: Iterator[pa.Table], depth: int = 2) -> Iterator[pa.Table]:
+    """``chunks``, read ahead by a thread (at most ``depth`` waiting); its errors re-raised here."""
+    done = object()
+    waiting: queue.Queue[Any] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def offer(item: Any) -> bool:
+        """Queue ``item`` unless the consumer has stopped; whether it was queued."""
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                waiting.put(item, timeout=0.1)
+                return True
+        return False
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                if not offer(chunk):
+                    return
+            offer(done)
+        except BaseException as exc:  # handed to the consumer
+            offer(exc)
+
+    reader = threading.Thread(target=read, name="read", daemon=True)
+    reader.start()
+    try:
+        while (item := waiting.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
+def _readable(chunks: Iterator[pa.Table], source: Path) -> Iterator[pa.Table]:
     """The chunks, a file that cannot be read (mid-way too) turned into one clear error."""
     try:
         yield from chunks
