@@ -145,16 +145,19 @@ class ChunkWriter:
 
     def _open(self, schema: pa.Schema) -> Any:
         if self.format == CSV:
-            return pa_csv.CSVWriter(self.path, schema)
+            return pa_csv.CSVWriter(
+                self.path, schema, write_options=pa_csv.WriteOptions(quoting_style="needed")
+            )
         # Dictionary encoding only for text: tried on every float column, it is wasted work.
         text = [f.name for f in schema if not pa.types.is_floating(f.type)]
         return pq.ParquetWriter(self.path, schema, use_dictionary=text)
 
-    def close(self, empty: pa.Table) -> None:
+    def close(self, empty: pa.Table | None = None) -> None:
         """Finish the file; with nothing written, an empty one with ``empty``'s columns."""
-        if self._writer is None:
+        if self._writer is None and empty is not None:
             self.write(empty)
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _check_columns(model: TabularClassifier, table: pa.Table, keep: Sequence[str] | None):
@@ -223,8 +226,11 @@ def score_file(
                 writing.result()
             if empty is None:
                 raise ProjectError(f"{source} has no rows")
-        finally:
-            out.close(empty if empty is not None else pa.table({}))
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to see
+                out.close()
+            raise
+        out.close(empty)
         if not counts.rejected:
             pd.DataFrame(columns=rejected_empty.columns).to_csv(tmp_rej, index=False)
     return counts
