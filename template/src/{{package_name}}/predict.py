@@ -71,11 +71,19 @@ def file_format(path: Path) -> str:
         ) from None
 
 
-def read_chunks(path: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
-    """The rows of a CSV or Parquet file as Arrow tables of ``chunk_rows`` rows at most."""
+def read_chunks(
+    path: Path, chunk_rows: int = CHUNK_ROWS, columns: Sequence[str] | None = None
+) -> Iterator[pa.Table]:
+    """The rows of a CSV or Parquet file as Arrow tables of ``chunk_rows`` rows at most; of a
+    Parquet file, only ``columns`` (those it has) when given."""
     if file_format(path) == PARQUET:
-        for batch in pq.ParquetFile(path).iter_batches(chunk_rows):
-            yield pa.Table.from_batches([batch])
+        parquet = pq.ParquetFile(path)
+        if columns is not None:
+            columns = [name for name in parquet.schema_arrow.names if name in set(columns)]
+        # One row group at a time: over the whole file, the reader's memory grows with it.
+        for group in range(parquet.num_row_groups):
+            for batch in parquet.iter_batches(chunk_rows, row_groups=[group], columns=columns):
+                yield pa.Table.from_batches([batch])
     else:
         for chunk in pd.read_csv(path, chunksize=chunk_rows):
             yield pa.Table.from_pandas(chunk, preserve_index=False)
@@ -208,7 +216,8 @@ def score_file(
     ):
         out, writing = ChunkWriter(tmp_out, file_format(output)), None
         try:
-            chunks = _prefetched(_readable(read_chunks(source, chunk_rows), source))
+            needed = None if keep is None else [*model.spec.names, *keep]
+            chunks = _prefetched(_readable(read_chunks(source, chunk_rows, needed), source))
             for table in chunks:
                 if empty is None:
                     _check_columns(model, table, keep)
