@@ -57,7 +57,9 @@ def make_input(path: Path, rows: int) -> None:
     frame.to_parquet(path, index=False)
 
 
-def child(side: str, source: Path, chunk_rows: int, passes: int = 2) -> dict[str, float]:
+def child(
+    side: str, source: Path, chunk_rows: int, keep: list[str] | None, passes: int = 2
+) -> dict[str, float]:
     """One side in this (fresh) process: the best of ``passes`` (the first pays for page faults
     and lazy initialisation, which the other side would not share)."""
     pkg = _package()
@@ -80,7 +82,14 @@ def child(side: str, source: Path, chunk_rows: int, passes: int = 2) -> dict[str
                 out, rejects = Path(tmp) / "out.parquet", Path(tmp) / "rejects.csv"
                 start = time.perf_counter()
                 counts = predict.score_file(
-                    model, "1", source, out, rejects, chunk_rows=chunk_rows, progress=False
+                    model,
+                    "1",
+                    source,
+                    out,
+                    rejects,
+                    keep=keep,
+                    chunk_rows=chunk_rows,
+                    progress=False,
                 )
                 seconds, rows = time.perf_counter() - start, counts.scored
         best = max(best, rows / seconds)
@@ -92,12 +101,13 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--chunk-rows", type=int, default=65_536)
+    parser.add_argument("--keep", nargs="+", help="input columns the scorer copies (default: all)")
     parser.add_argument("--child", choices=["raw", "scorer"], help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.source, args.chunk_rows)))
+        print(json.dumps(child(args.child, args.source, args.chunk_rows, args.keep)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "input.parquet"
@@ -107,6 +117,7 @@ def main() -> int:
             for side in runs:
                 command = [sys.executable, __file__, "--child", side, "--source", str(source)]
                 command += ["--chunk-rows", str(args.chunk_rows)]
+                command += ["--keep", *args.keep] if args.keep else []
                 out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
                 runs[side].append(json.loads(out.splitlines()[-1]))
         size_mb = source.stat().st_size / 2**20
@@ -115,13 +126,14 @@ def main() -> int:
         for side, values in runs.items()
     }
     result["ratio"] = result["scorer"]["rows_per_s"] / result["raw"]["rows_per_s"]
-    result |= {"rows": args.rows, "input_mb": size_mb, "reps": args.reps}
+    result |= {"rows": args.rows, "input_mb": size_mb, "reps": args.reps, "keep": args.keep}
     print(
         f"{args.rows} rows ({size_mb:.0f} MB Parquet), medians of {args.reps}:\n"
         f"  raw model  {result['raw']['rows_per_s']:>10,.0f} rows/s  "
         f"peak +{result['raw']['peak_mb']:.0f} MB (the frame in memory)\n"
         f"  scorer     {result['scorer']['rows_per_s']:>10,.0f} rows/s  "
-        f"peak +{result['scorer']['peak_mb']:.0f} MB (read, score, write)\n"
+        f"peak +{result['scorer']['peak_mb']:.0f} MB (read, score, write; keep "
+        f"{', '.join(args.keep) if args.keep else 'all columns'})\n"
         f"  ratio      {result['ratio']:.2f}"
     )
     if args.json:
