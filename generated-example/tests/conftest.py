@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from my_ml_project.config import load_params
+from my_ml_project.config import Params, load_params
 from my_ml_project.data import prepare
 
 # Tests may find the project's own files from here; package code never does.
@@ -27,7 +27,7 @@ FAST_PARAMS: dict[str, Any] = {
         "missing": "error",
     },
     "model": {"hidden_sizes": [16]},
-    "train": {"device": "cpu", "epochs": 3, "batch_size": 32, "patience": 0},
+    "train": {"device": "cpu", "epochs": 3, "batch_size": 32, "patience": 0, "checkpoint_every": 1},
     "mlflow": {"tracking_uri": "sqlite:///mlflow.db"},
 }
 
@@ -71,16 +71,70 @@ def write_csv(
     return path
 
 
+# Labels with accents, punctuation, a comma and a non-Latin script, as business CSVs have them.
+PLANS = ("Básico", "Pro+", "Entreprise (annuel)", "Free/Trial", "Équipe, 5 sièges")
+COUNTRIES = ("Deutschland", "España", "日本", "Côte d'Ivoire", "U.S.A.")
+
+
+def write_mixed_csv(
+    path: str | Path, n_rows: int = 600, *, gaps: float = 0.05, seed: int = 0
+) -> Path:
+    """Write a learnable mixed CSV: text categories (``plan``, ``country``), a yes/no flag
+    (``auto_renew``), numbers (``tenure``), ~``gaps`` of each feature empty, label ``churned``.
+
+    The label depends mostly on the categories and the flag: a model that cannot read them
+    barely beats the majority class.
+    """
+    rng = np.random.default_rng(seed)
+    plan = rng.integers(0, len(PLANS), n_rows)
+    country = rng.integers(0, len(COUNTRIES), n_rows)
+    renew = rng.random(n_rows) < 0.5
+    tenure = rng.gamma(2.0, 12.0, n_rows).round(1)
+    logit = (
+        np.array([0.0, 2.0, 3.0, -3.0, 1.0])[plan]
+        + np.array([1.0, -1.0, 1.5, -1.5, 0.0])[country]
+        + 2.0 * renew
+        + 0.02 * (tenure - 24)
+        - 1.0
+    )
+    churned = np.where(rng.random(n_rows) < 1 / (1 + np.exp(-logit)), "no", "yes")
+    df = pd.DataFrame(
+        {
+            "tenure": tenure,
+            "plan": np.array(PLANS)[plan],
+            "country": np.array(COUNTRIES)[country],
+            "auto_renew": np.where(renew, "yes", "no"),
+        }
+    )
+    for column in df.columns:
+        df[column] = df[column].astype(object).where(rng.random(n_rows) >= gaps, None)
+    df["churned"] = churned
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
 @pytest.fixture(scope="session")
 def template_params() -> dict[str, Any]:
-    """The project's own params.yaml, as shipped."""
-    return load_params(PROJECT_ROOT / "params.yaml")
+    """The project's own params.yaml, as shipped (checked against the schema), as a mapping."""
+    load_params(PROJECT_ROOT / "params.yaml")
+    return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
 
 
 @pytest.fixture
 def make_csv() -> Callable[..., Path]:
     """``make_csv(path, n_rows=120, n_classes=2, n_features=4, *, target, labels, seed)``."""
     return write_csv
+
+
+@pytest.fixture
+def mixed_project(project_dir: Path, update_params: Callable[[dict[str, Any]], Params]) -> Params:
+    """``project_dir`` with a mixed CSV (text, a yes/no flag, gaps) and data.missing: impute."""
+    write_mixed_csv("data/raw/mixed.csv")
+    return update_params(
+        {"data": {"raw_path": "data/raw/mixed.csv", "target": "churned", "missing": "impute"}}
+    )
 
 
 @pytest.fixture
@@ -99,14 +153,14 @@ def project_dir(
 
 
 @pytest.fixture
-def update_params(project_dir: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """``update_params({"train": {"epochs": 1}})`` merges into params.yaml; returns the result."""
+def update_params(project_dir: Path) -> Callable[[dict[str, Any]], Params]:
+    """``update_params({"train": {"epochs": 1}})`` merges into params.yaml; returns it parsed."""
 
-    def update(override: dict[str, Any]) -> dict[str, Any]:
+    def update(override: dict[str, Any]) -> Params:
         path = project_dir / "params.yaml"
-        params = deep_merge(load_params(path), override)
-        path.write_text(yaml.safe_dump(params, sort_keys=False))
-        return params
+        raw = deep_merge(yaml.safe_load(path.read_text(encoding="utf-8")), override)
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return load_params(path)
 
     return update
 

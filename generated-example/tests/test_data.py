@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from my_ml_project.config import ProjectError, load_params
+from my_ml_project.config import Params, load_params
 from my_ml_project.data import (
     DataError,
     Schema,
@@ -21,6 +21,7 @@ from my_ml_project.data import (
     read_raw,
     split_frame,
 )
+from my_ml_project.features import kinds_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FEATURES = [f"feature_{i}" for i in range(4)]
@@ -54,8 +55,15 @@ def test_project_raw_data_is_valid(template_params: dict[str, Any]) -> None:
     data = template_params["data"]
     raw = PROJECT_ROOT / data["raw_path"]
     if not raw.exists() and raw.with_name(raw.name + ".dvc").exists():
-        pytest.skip(f"{raw} is tracked by DVC but not pulled: run `dvc pull`")
-    df = read_raw(raw, data["target"], data["features"], data["missing"])
+        pytest.skip(f"{raw} is tracked by DVC and not pulled here: `nox -s pull` fetches it")
+    df = read_raw(
+        raw,
+        data["target"],
+        data["features"],
+        data["missing"],
+        data["categorical"],
+        data["max_categories"],
+    )
     features = list(df.columns[:-1])
     assert df.columns[-1] == data["target"]
     assert len(df) >= 100
@@ -92,12 +100,95 @@ def test_missing_feature_columns_are_named(write: Callable[..., Path]) -> None:
         read_raw(write(frame()), "y", ["a", "c", "d"])
 
 
-def test_non_numeric_feature_names_column_and_dtype(write: Callable[..., Path]) -> None:
+def test_text_in_a_numeric_column_is_named(write: Callable[..., Path]) -> None:
+    """Numbers with some text: an error naming the text, not a column of categories."""
     path = write(frame(b=["1.5", "n/a?"] * 30))
-    with pytest.raises(
-        DataError, match=r"non-numeric feature columns: b \(object, e\.g\. 'n/a\?'\)"
-    ):
+    with pytest.raises(DataError) as info:
         read_raw(path, "y")
+    message = str(info.value)
+    assert "non-numeric values in numeric feature columns: b (30 values, e.g. 'n/a?')" in message
+    assert "list the column in data.categorical" in message
+    read_raw(path, "y", categorical=["b"])  # declared: its labels are "1.5" and "n/a?"
+
+
+def test_decimal_commas_are_named_not_taken_for_categories(write: Callable[..., Path]) -> None:
+    path = write(frame(b=["12,5", "3,25"] * 30))
+    with pytest.raises(DataError, match=r"columns: b \(60 values, e\.g\. '12,5'\)"):
+        read_raw(path, "y")
+
+
+def test_text_column_not_declared_categorical_is_an_error(write: Callable[..., Path]) -> None:
+    path = write(frame(b=["red", "blue"] * 30, c=["x"] * 60))
+    with pytest.raises(DataError, match=r"columns: b \(60 values, e\.g\. 'red'\)"):
+        read_raw(path, "y", categorical=["c"])
+    with pytest.raises(
+        DataError, match=r"data\.categorical lists columns that are not features: d"
+    ):
+        read_raw(path, "y", categorical=["d"])
+
+
+def test_kinds_are_inferred(write: Callable[..., Path]) -> None:
+    rows = 60
+    df = read_raw(
+        write(
+            frame(
+                text=[" São Paulo ", "Zürich, CH", "日本", "a/b (c)"] * (rows // 4),
+                flag=["yes", "No", "TRUE", None] * (rows // 4),
+                bools=[True, False] * (rows // 2),
+                binary=[0, 1] * (rows // 2),
+            )
+        ),
+        "y",
+        missing="impute",
+    )
+    assert kinds_of(df.drop(columns="y")) == {
+        "a": "numeric",
+        "b": "numeric",
+        "text": "categorical",
+        "flag": "boolean",
+        "bools": "boolean",
+        "binary": "numeric",
+    }
+    assert df["text"].iloc[:4].tolist() == ["São Paulo", "Zürich, CH", "日本", "a/b (c)"]
+    assert df["flag"].iloc[:4].tolist() == [True, False, True, pd.NA]
+
+
+def test_declared_integer_codes_become_labels(write: Callable[..., Path]) -> None:
+    """Codes with a gap are read as floats: the labels must still be "1", "2", "10"."""
+    df = read_raw(
+        write(frame(store=[1, 2, 10, None] * 15)), "y", missing="impute", categorical=["store"]
+    )
+    assert df["store"].iloc[:4].tolist() == ["1", "2", "10", None]
+
+
+def test_too_many_categories_is_an_error(write: Callable[..., Path]) -> None:
+    path = write(frame(customer=[f"C-{i}" for i in range(60)]))
+    with pytest.raises(DataError) as info:
+        read_raw(path, "y", max_categories=50)
+    message = str(info.value)
+    assert "more than data.max_categories=50 distinct values: customer (60)" in message
+    assert "raise data.max_categories" in message
+    assert len(read_raw(path, "y", max_categories=60)) == 60
+
+
+def test_empty_feature_column_is_refused(write: Callable[..., Path]) -> None:
+    with pytest.raises(DataError, match="feature columns without a single value: c"):
+        read_raw(write(frame(c=[None] * 60)), "y", missing="impute")
+
+
+def test_impute_keeps_feature_gaps_and_drops_rows_without_a_label(
+    write: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    df = read_raw(
+        write(frame(a=[np.nan, 1.0, np.inf] * 20, y=["no", "yes", None, "yes"] * 15)),
+        "y",
+        missing="impute",
+    )
+    assert len(df) == 45
+    assert df["a"].isna().sum() == 30  # infinite values are gaps too
+    out = capsys.readouterr().out
+    assert "the model fills the gaps in a (30)" in out
+    assert "dropped 15 of 60 rows without a target (data.missing: impute)" in out
 
 
 def test_missing_values_error_names_columns_rows_and_fix(write: Callable[..., Path]) -> None:
@@ -107,7 +198,7 @@ def test_missing_values_error_names_columns_rows_and_fix(write: Callable[..., Pa
     message = str(info.value)
     assert "20 of 60 rows" in message
     assert "a (20)" in message
-    assert "set data.missing: drop or clean the file" in message
+    assert "set data.missing: impute or drop, or clean the file" in message
 
 
 def test_missing_values_drop(
@@ -119,11 +210,6 @@ def test_missing_values_drop(
     assert "dropped 40 of 60 rows" in capsys.readouterr().out
 
 
-def test_unknown_missing_policy(write: Callable[..., Path]) -> None:
-    with pytest.raises(DataError, match=r"data.missing must be 'error' or 'drop'"):
-        read_raw(write(frame()), "y", missing="ignore")
-
-
 def test_single_class_is_refused(write: Callable[..., Path]) -> None:
     with pytest.raises(DataError, match="has 1 class: a classifier needs at least 2"):
         read_raw(write(frame(y=["yes"] * 60)), "y")
@@ -131,9 +217,9 @@ def test_single_class_is_refused(write: Callable[..., Path]) -> None:
 
 def test_too_small_class_is_named(project_dir: Path) -> None:
     params = load_params()
-    df = pd.read_csv(params["data"]["raw_path"])
+    df = pd.read_csv(params.data.raw_path)
     df.loc[:2, "label"] = "rare"
-    df.to_csv(params["data"]["raw_path"], index=False)
+    df.to_csv(params.data.raw_path, index=False)
     with pytest.raises(DataError, match=r"class 'rare' has 3; each class needs at least 7"):
         prepare(params)
 
@@ -157,7 +243,7 @@ def test_unreadable_csv(tmp_path: Path, content: bytes, problem: str) -> None:
 def test_main_reports_bad_file_without_traceback(
     project_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    Path(load_params()["data"]["raw_path"]).write_text("feature_0,label\n1,2,3\n")
+    Path(load_params().data.raw_path).write_text("feature_0,label\n1,2,3\n")
     assert main([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: data/raw/synthetic.csv: not a valid CSV")
@@ -173,13 +259,6 @@ def test_main_without_params_file(
     assert capsys.readouterr().err.startswith("error: params.yaml not found")
 
 
-def test_params_must_be_a_mapping(tmp_path: Path) -> None:
-    path = tmp_path / "params.yaml"
-    path.write_text("- just\n- a list\n")
-    with pytest.raises(ProjectError, match=r"params.yaml must be a YAML mapping"):
-        load_params(path)
-
-
 # --- splitting ----------------------------------------------------------------------------------
 
 
@@ -193,11 +272,6 @@ def test_split_sizes_and_stratification(tmp_path: Path, make_csv: Callable[..., 
         shares = part["label"].value_counts(normalize=True)
         assert shares.index.sort_values().tolist() == ["a", "b"]
         assert np.allclose(shares.sort_index(), overall.sort_index(), atol=0.02)
-
-
-def test_split_fractions_are_checked() -> None:
-    with pytest.raises(DataError, match="leaves no training rows"):
-        split_frame(frame(), "y", val_size=0.5, test_size=0.5, seed=0)
 
 
 def test_prepare_is_deterministic(project_dir: Path, update_params: Callable[..., Any]) -> None:
@@ -244,7 +318,12 @@ def test_load_split_dtypes_and_shapes(prepared_project: Path) -> None:
     assert y.dtype == np.int64
     assert x.shape == (18, 4)
     assert y.shape == (18,)
-    assert schema == Schema(features=FEATURES, target="label", classes=["negative", "positive"])
+    assert schema == Schema(
+        features=FEATURES,
+        target="label",
+        classes=["negative", "positive"],
+        kinds=dict.fromkeys(FEATURES, "numeric"),
+    )
     df = pd.read_parquet("data/processed/test.parquet")
     assert np.array_equal(x, df[FEATURES].to_numpy(np.float32))
     assert [schema.classes[i] for i in y] == df["label"].tolist()
@@ -253,3 +332,34 @@ def test_load_split_dtypes_and_shapes(prepared_project: Path) -> None:
 def test_load_split_before_prepare(project_dir: Path) -> None:
     with pytest.raises(DataError, match=r"schema.json not found: run `dvc repro prepare`"):
         load_split("train")
+
+
+def test_mixed_schema_records_kinds_and_the_train_vocabulary(
+    mixed_project: Params, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prepare(mixed_project)
+    assert "(1 numeric, 1 boolean, 2 categorical)" in capsys.readouterr().out
+    schema = json.loads(Path("data/processed/schema.json").read_text(encoding="utf-8"))
+    assert schema["kinds"] == {
+        "tenure": "numeric",
+        "plan": "categorical",
+        "country": "categorical",
+        "auto_renew": "boolean",
+    }
+    assert schema["missing"] == "impute"
+    train = pd.read_parquet("data/processed/train.parquet")
+    for column in ("plan", "country"):
+        assert schema["categories"][column] == sorted(train[column].dropna().unique())
+    assert "Équipe, 5 sièges" in schema["categories"]["plan"]
+    assert str(train["auto_renew"].dtype) == "boolean"
+    assert train.drop(columns="churned").isna().any().all(), "gaps are kept for the model"
+
+    x, _, loaded = load_split("train")
+    assert loaded.categories["plan"] == schema["categories"]["plan"]
+    # Numbers first (gaps as NaN), then the codes: 0 for a gap, else vocabulary position + 1.
+    plan_codes = x[:, 2]  # tenure, auto_renew, then plan and country
+    expected = train["plan"].map(
+        {label: i + 1 for i, label in enumerate(schema["categories"]["plan"])}
+    )
+    np.testing.assert_array_equal(plan_codes, expected.fillna(0).to_numpy(np.float32))
+    assert np.isnan(x[:, 0]).sum() == train["tenure"].isna().sum()

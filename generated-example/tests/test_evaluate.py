@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from my_ml_project import evaluate, registry, train
+from my_ml_project.config import ModelParams, Params
 from my_ml_project.data import load_split
 from my_ml_project.model import TabularClassifier, build_model, save_model
 
@@ -49,8 +51,8 @@ def params(
     prepared_project: Path,
     store: str,
     monkeypatch: pytest.MonkeyPatch,
-    update_params: Callable[[dict[str, Any]], dict[str, Any]],
-) -> dict[str, Any]:
+    update_params: Callable[[dict[str, Any]], Params],
+) -> Params:
     """Prepared data, the shared store, and a registered model name of this test's own."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     return update_params({"mlflow": {"model_name": prepared_project.name}})
@@ -59,7 +61,7 @@ def params(
 def linear_model(weights: list[float], bias: list[float] | None = None) -> TabularClassifier:
     """Logits = [0, weights . z] + bias on standardised features z; no hidden layer."""
     x, _, schema = load_split("train")
-    model = build_model(schema, {"hidden_sizes": [], "dropout": 0.0}, x)
+    model = build_model(schema, ModelParams(hidden_sizes=[], dropout=0.0), x)
     layer = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
         layer.weight.zero_()
@@ -85,14 +87,14 @@ def constant_model() -> TabularClassifier:
     return linear_model([0.0, 0.0, 0.0, 0.0], bias)
 
 
-def publish(model: TabularClassifier, params: dict[str, Any]) -> dict[str, str]:
+def publish(model: TabularClassifier, params: Params) -> dict[str, str]:
     """What train does after fitting: save, log and register the model, write models/run.json."""
     save_model(model, evaluate.MODEL_PATH)
-    registry.configure(params)
-    example = pd.DataFrame(load_split("val")[0][:2], columns=model.feature_names)
+    registry.configure(params.mlflow)
+    example = pd.DataFrame(np.ones((2, len(model.feature_names))), columns=model.feature_names)
     with mlflow.start_run() as run:
         logged = registry.log_model(model, example)
-    name = params["mlflow"]["model_name"]
+    name = params.mlflow.model_name
     info = {
         "run_id": run.info.run_id,
         "model_name": name,
@@ -110,9 +112,7 @@ def version_tags(name: str, version: str) -> dict[str, str]:
     return mlflow.MlflowClient().get_model_version(name, version).tags
 
 
-def test_first_model_is_promoted(
-    params: dict[str, Any], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_first_model_is_promoted(params: Params, capsys: pytest.CaptureFixture[str]) -> None:
     info = publish(good_model(), params)
     assert evaluate.main([]) == 0
     out = capsys.readouterr().out
@@ -149,7 +149,7 @@ def test_first_model_is_promoted(
     assert registry.get_alias_version(name, registry.CHAMPION) == info["model_version"]
 
 
-def test_plots_parse(params: dict[str, Any]) -> None:
+def test_plots_parse(params: Params) -> None:
     publish(good_model(), params)
     assert evaluate.main([]) == 0
     _, y, schema = load_split("test")
@@ -165,9 +165,7 @@ def test_plots_parse(params: dict[str, Any]) -> None:
     assert all(0 <= x <= 1 and 0 <= y <= 1 for x, y in curve)
 
 
-def test_worse_model_is_not_promoted(
-    params: dict[str, Any], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_worse_model_is_not_promoted(params: Params, capsys: pytest.CaptureFixture[str]) -> None:
     champion = publish(good_model(), params)
     assert evaluate.main([]) == 0
     candidate = publish(weak_model(), params)
@@ -188,8 +186,8 @@ def test_worse_model_is_not_promoted(
 
 @pytest.mark.parametrize(("margin", "expected"), [(0.0, "promoted"), (0.05, "not_promoted")])
 def test_equal_model_needs_the_margin(
-    params: dict[str, Any],
-    update_params: Callable[[dict[str, Any]], dict[str, Any]],
+    params: Params,
+    update_params: Callable[[dict[str, Any]], Params],
     margin: float,
     expected: str,
 ) -> None:
@@ -204,7 +202,7 @@ def test_equal_model_needs_the_margin(
 
 
 def test_no_better_than_baseline_fails_the_gate(
-    params: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    params: Params, capsys: pytest.CaptureFixture[str]
 ) -> None:
     info = publish(constant_model(), params)
     capsys.readouterr()
@@ -215,7 +213,7 @@ def test_no_better_than_baseline_fails_the_gate(
     assert "Traceback" not in err
     name, version = info["model_name"], info["model_version"]
     assert registry.get_alias_version(name, registry.CHAMPION) is None
-    assert registry.get_alias_version(name, registry.CHALLENGER) == version
+    assert registry.get_alias_version(name, registry.CHALLENGER) is None  # a tag, no alias
     assert version_tags(name, version)["gate"] == "failed"
     assert gate()["decision"] == "failed"
     f1 = json.loads(evaluate.METRICS_PATH.read_text())["f1"]
@@ -223,8 +221,8 @@ def test_no_better_than_baseline_fails_the_gate(
 
 
 def test_min_score_fails_the_gate(
-    params: dict[str, Any],
-    update_params: Callable[[dict[str, Any]], dict[str, Any]],
+    params: Params,
+    update_params: Callable[[dict[str, Any]], Params],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     params = update_params({"evaluate": {"min_score": 1.0}})
@@ -235,25 +233,160 @@ def test_min_score_fails_the_gate(
     assert "< evaluate.min_score 1.0000" in err
 
 
-def test_champion_on_other_features_is_replaced(
-    params: dict[str, Any], capsys: pytest.CaptureFixture[str]
+def reordered(model: TabularClassifier) -> TabularClassifier:
+    """The same model reading its features in reverse order (as after editing data.features)."""
+    flipped = TabularClassifier(
+        model.feature_names[::-1],
+        model.class_names,
+        model.hidden_sizes,
+        model.dropout,
+        mean=model.mean.flip(0),
+        std=model.std.flip(0),
+    )
+    state = model.state_dict()
+    for stat in ("mean", "std", "fill"):
+        state[stat] = state[stat].flip(0)
+    state["net.0.weight"] = state["net.0.weight"].flip(1)
+    flipped.load_state_dict(state)
+    return flipped.eval()
+
+
+def first_features(model: TabularClassifier, n: int) -> TabularClassifier:
+    """``model`` restricted to its first ``n`` features (the candidate has more columns)."""
+    small = TabularClassifier(
+        model.feature_names[:n], model.class_names, model.hidden_sizes, model.dropout,
+        mean=model.mean[:n], std=model.std[:n],
+    )  # fmt: skip
+    state = model.state_dict()
+    for stat in ("mean", "std", "fill"):
+        state[stat] = state[stat][:n]
+    state["net.0.weight"] = state["net.0.weight"][:, :n]
+    small.load_state_dict(state)
+    return small.eval()
+
+
+def crown(info: dict[str, str]) -> None:
+    """Make a version champion directly (its features differ from this split's schema)."""
+    registry.set_alias(info["model_name"], registry.CHAMPION, info["model_version"])
+
+
+def test_champion_is_scored_by_column_name(params: Params) -> None:
+    good = good_model()
+    champion = publish(reordered(good), params)
+    crown(champion)
+    publish(weak_model(), params)
+    assert evaluate.main([]) == 0
+    decision = gate()
+    assert decision["decision"] == "not_promoted"
+    assert decision["champion_version"] == champion["model_version"]
+    publish(good, params)
+    assert evaluate.main([]) == 0
+    # The same weights read in another order score exactly the same: a real comparison.
+    assert gate()["champion_score"] == pytest.approx(gate()["candidate_score"])
+
+
+def test_champion_on_fewer_columns_is_compared(params: Params) -> None:
+    crown(publish(first_features(good_model(), 2), params))
+    publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    decision = gate()
+    assert decision["champion_score"] is not None
+    assert decision["decision"] in ("promoted", "not_promoted")
+
+
+def test_champion_that_cannot_read_the_split_is_not_replaced(
+    params: Params, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The user switched datasets: the old champion cannot be scored on the new test split."""
     schema = load_split("train")[2]
     old = TabularClassifier([f"old_{f}" for f in schema.features], schema.classes, [4], 0.0)
     old_info = publish(old.eval(), params)
-    registry.set_alias(old_info["model_name"], registry.CHAMPION, old_info["model_version"])
+    name, old_version = old_info["model_name"], old_info["model_version"]
+    crown(old_info)
     info = publish(good_model(), params)
+    capsys.readouterr()
+    assert evaluate.main([]) == evaluate.GATE_UNDECIDED_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: GATE UNDECIDED: champion v{old_version} cannot be scored")
+    assert "old_feature_0" in err
+    assert registry.get_alias_version(name, registry.CHAMPION) == old_version
+    assert gate()["decision"] == "undecided"
+
+    assert evaluate.main(["--replace-unloadable-champion"]) == 0
+    assert "replaced on purpose" in capsys.readouterr().out
+    assert registry.get_alias_version(name, registry.CHAMPION) == info["model_version"]
+
+
+def test_unloadable_champion_keeps_its_alias(
+    params: Params, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The artefact store lost the champion's files: a worse model must not take its place."""
+    champion = publish(good_model(), params)
     assert evaluate.main([]) == 0
-    assert "other features or classes" in capsys.readouterr().out
-    champion = registry.get_alias_version(info["model_name"], registry.CHAMPION)
-    assert champion == info["model_version"]
+    name, version = champion["model_name"], champion["model_version"]
+    location = mlflow.MlflowClient().get_model_version_download_uri(name, version)
+    shutil.rmtree(Path(mlflow.utils.file_utils.local_file_uri_to_path(location)))
+
+    candidate = publish(weak_model(), params)
+    capsys.readouterr()
+    assert evaluate.main([]) == evaluate.GATE_UNDECIDED_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: GATE UNDECIDED: champion v{version} cannot be loaded")
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    assert registry.get_alias_version(name, registry.CHAMPION) == version
+    assert registry.get_alias_version(name, registry.CHALLENGER) is None
+    assert version_tags(name, candidate["model_version"])["gate"] == "undecided"
+
+    # Replacing it is a decision a person takes, here through the environment (as via dvc).
+    monkeypatch.setenv(evaluate.REPLACE_ENV, "1")
+    assert evaluate.main([]) == 0
+    assert registry.get_alias_version(name, registry.CHAMPION) == candidate["model_version"]
+
+
+def test_failed_model_never_displaces_the_challenger(params: Params) -> None:
+    publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    challenger = publish(weak_model(), params)
+    assert evaluate.main([]) == 0
+    name = challenger["model_name"]
+    assert registry.get_alias_version(name, registry.CHALLENGER) == challenger["model_version"]
+    failed = publish(constant_model(), params)
+    assert evaluate.main([]) == evaluate.GATE_FAILED_EXIT
+    assert registry.get_alias_version(name, registry.CHALLENGER) == challenger["model_version"]
+    assert version_tags(name, failed["model_version"])["gate"] == "failed"
+
+
+def test_champion_moved_during_comparison_is_compared_again(
+    params: Params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compare-and-set: a champion that changes between the comparison and the alias move."""
+    first = publish(weak_model(), params)
+    assert evaluate.main([]) == 0
+    better = publish(good_model(), params)
+    name = better["model_name"]
+    candidate = publish(weak_model(), params)
+    real_compare, calls = evaluate.compare, []
+
+    def compare_then_someone_moves_the_alias(*args: Any) -> None:
+        real_compare(*args)
+        calls.append(args[0].champion_version)
+        if len(calls) == 1:  # another process promotes `better` meanwhile
+            registry.set_alias(name, registry.CHAMPION, better["model_version"])
+
+    monkeypatch.setattr(evaluate, "compare", compare_then_someone_moves_the_alias)
+    assert evaluate.main([]) == 0
+    assert calls == [first["model_version"], better["model_version"]]
+    decision = gate()
+    assert decision["decision"] == "not_promoted"
+    assert decision["candidate_version"] == candidate["model_version"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == better["model_version"]
 
 
 @pytest.mark.slow
 def test_evaluates_what_train_writes(
-    params: dict[str, Any],
-    update_params: Callable[[dict[str, Any]], dict[str, Any]],
+    params: Params,
+    update_params: Callable[[dict[str, Any]], Params],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The contract between the stages: models/model.pt and models/run.json as train writes them."""
@@ -274,16 +407,6 @@ def test_missing_training_output_is_a_clear_error(
     err = capsys.readouterr().err
     assert err.startswith("error: models/run.json not found")
     assert "Traceback" not in err
-
-
-def test_unknown_metric_is_a_clear_error(
-    params: dict[str, Any],
-    update_params: Callable[[dict[str, Any]], dict[str, Any]],
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    update_params({"evaluate": {"metric": "precision"}})
-    assert evaluate.main([]) == 2
-    assert "evaluate.metric" in capsys.readouterr().err
 
 
 def test_multiclass_metrics_and_micro_roc() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from my_ml_project import registry
-from my_ml_project.config import ProjectError, load_params
+from my_ml_project.config import MlflowParams, ModelParams, ProjectError, load_params
 from my_ml_project.data import load_split
 from my_ml_project.model import TabularClassifier, build_model
 
@@ -32,9 +32,8 @@ def tracking(project_dir: Path, store: str, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_environment_overrides_params(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    assert registry.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///x.db"}}) == (
-        "http://mlflow.example:5000"
-    )
+    params = MlflowParams(tracking_uri="sqlite:///x.db", experiment="e", model_name="m")
+    assert registry.tracking_uri(params) == "http://mlflow.example:5000"
 
 
 @pytest.mark.parametrize(
@@ -49,8 +48,23 @@ def test_environment_overrides_params(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_relative_sqlite_is_made_absolute(
     project_dir: Path, configured: str, expected: str
 ) -> None:
-    params = {"mlflow": {"tracking_uri": configured}}
+    params = MlflowParams(tracking_uri=configured, experiment="e", model_name="m")
     assert registry.tracking_uri(params) == expected.format(cwd=project_dir.as_posix())
+
+
+@pytest.mark.parametrize(
+    ("uri", "portable"),
+    [
+        ("sqlite:///{cwd}/mlflow.db", "sqlite:///mlflow.db"),
+        ("sqlite:////elsewhere/m.db", "sqlite:////elsewhere/m.db"),
+        ("https://user:secret@mlflow.example/api", "https://mlflow.example/api"),
+        ("databricks", "databricks"),
+    ],
+)
+def test_portable_uri_has_no_machine_path_or_credentials(
+    project_dir: Path, uri: str, portable: str
+) -> None:
+    assert registry.portable_uri(uri.format(cwd=project_dir.as_posix())) == portable
 
 
 def test_uri_defaults_to_params_yaml(project_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,14 +74,12 @@ def test_uri_defaults_to_params_yaml(project_dir: Path, capsys: pytest.CaptureFi
 
 
 def test_init_is_idempotent(tracking: str, capsys: pytest.CaptureFixture[str]) -> None:
-    params = load_params()
+    params = load_params().mlflow
     registry.configure(params)
     assert registry.main(["init"]) == 0
     assert registry.main(["init"]) == 0
     assert capsys.readouterr().out.split() == [tracking, tracking]
-    experiment = mlflow.MlflowClient(tracking).get_experiment_by_name(
-        params["mlflow"]["experiment"]
-    )
+    experiment = mlflow.MlflowClient(tracking).get_experiment_by_name(params.experiment)
     assert experiment is not None, "init must keep what the store holds"
     # Local store: artifacts next to the database, not in the caller's cwd.
     assert experiment.artifact_location.startswith(
@@ -76,8 +88,7 @@ def test_init_is_idempotent(tracking: str, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_deleted_experiment_is_a_clear_error(tracking: str) -> None:
-    params = load_params()
-    params["mlflow"]["experiment"] = "deleted-experiment"
+    params = load_params().mlflow.model_copy(update={"experiment": "deleted-experiment"})
     registry.configure(params)
     client = mlflow.MlflowClient(tracking)
     client.delete_experiment(client.get_experiment_by_name("deleted-experiment").experiment_id)
@@ -88,7 +99,7 @@ def test_deleted_experiment_is_a_clear_error(tracking: str) -> None:
 def _model() -> tuple[TabularClassifier, pd.DataFrame]:
     x, _, schema = load_split("train")
     torch.manual_seed(0)
-    model = build_model(schema, {"hidden_sizes": [8], "dropout": 0.0}, x).eval()
+    model = build_model(schema, ModelParams(hidden_sizes=[8], dropout=0.0), x).eval()
     return model, pd.DataFrame(x[:3], columns=schema.features)
 
 
@@ -100,7 +111,7 @@ def test_log_model_needs_two_example_rows(prepared_project: Path) -> None:
 
 def test_log_register_alias_load_round_trip(prepared_project: Path, tracking: str) -> None:
     model, example = _model()
-    registry.configure(load_params())
+    registry.configure(load_params().mlflow)
     with mlflow.start_run():
         info = registry.log_model(model, example)
     name = "round-trip"
@@ -124,28 +135,95 @@ def test_log_register_alias_load_round_trip(prepared_project: Path, tracking: st
     assert registry.get_alias_version(name, registry.CHAMPION) is None
 
 
-def test_logged_model_is_pickled_with_pinned_requirements(
+def test_logged_model_is_a_pyfunc_that_answers_in_labels(
     prepared_project: Path, tracking: str
 ) -> None:
     model, example = _model()
-    registry.configure(load_params())
+    registry.configure(load_params().mlflow)
     with mlflow.start_run():
         info = registry.log_model(model, example)
     files = {Path(p).name for p in _artifact_files(info.model_uri)}
-    assert "model.pth" in files, "pickle format (pt2 would write model.pt2)"
-    assert "model.pt2" not in files
+    assert "model.pt" in files, "the project's own weights file, read without pickle"
+    assert "model.pth" not in files
     requirements = Path(mlflow.pyfunc.get_model_dependencies(info.model_uri)).read_text()
     pins = dict(line.split("==") for line in requirements.split())
     assert {"mlflow", "torch", "numpy", "pandas", "cloudpickle"} <= pins.keys()
     assert "+" not in pins["torch"], "a local tag such as +cpu does not resolve on PyPI"
+    shipped = {Path(f).name for f in _artifact_files(info.model_uri) if "/code/" in f}
+    assert shipped == set(registry.MODEL_MODULES), "only what loading the model imports"
     assert info.signature.inputs.input_names() == model.feature_names
+    assert info.signature.outputs.input_names() == ["label", *model.class_names]
     assert info.metadata["class_names"] == model.class_names
-    # Served data arrive as float64 (JSON): the signature must accept them, and float32 too.
+    # Served data arrive as float64 (JSON): the signature must accept them, and float32 too;
+    # columns are taken by name, in any order, extra ones ignored.
     served = mlflow.pyfunc.load_model(info.model_uri)
-    for dtype in (np.float64, np.float32):
-        assert served.predict(example.astype(dtype)).shape == (3, len(model.class_names))
+    expected = model.predict_proba(torch.from_numpy(example.to_numpy(np.float32))).numpy()
+    shuffled = example[example.columns[::-1]].assign(extra="ignored")
+    for frame in (example.astype(np.float64), example.astype(np.float32), shuffled):
+        answer = served.predict(frame)
+        assert list(answer.columns) == ["label", *model.class_names]
+        np.testing.assert_allclose(answer[model.class_names].to_numpy(), expected, atol=1e-6)
+        labels = [model.class_names[i] for i in expected.argmax(axis=1)]
+        assert answer["label"].tolist() == labels
 
 
 def _artifact_files(model_uri: str) -> list[str]:
     root = Path(mlflow.artifacts.download_artifacts(model_uri))
     return [str(p) for p in root.rglob("*") if p.is_file()]
+
+
+def test_version_of_run_finds_the_run_s_version(prepared_project: Path, tracking: str) -> None:
+    model, example = _model()
+    registry.configure(load_params().mlflow)
+    with mlflow.start_run() as run:
+        info = registry.log_model(model, example)
+    assert registry.version_of_run("by-run", run.info.run_id) is None
+    version = registry.register(info.model_uri, "by-run")
+    assert registry.version_of_run("by-run", run.info.run_id) == version
+    assert registry.version_of_run("by-run", "0" * 32) is None
+
+
+def test_promotion_lock_admits_one_holder(tracking: str, capsys: pytest.CaptureFixture) -> None:
+    registry.configure(load_params().mlflow)
+    with registry.promotion_lock("locked-model"):
+        with (
+            pytest.raises(registry.RegistryError, match=r"held by .* unlock"),
+            registry.promotion_lock("locked-model", wait_s=0.5),
+        ):
+            pass
+        # A lock older than the stale age is reported at once, with the way out.
+        with (
+            pytest.raises(registry.RegistryError, match="no evaluation is running"),
+            registry.promotion_lock("locked-model", wait_s=60, stale_s=0),
+        ):
+            pass
+    with registry.promotion_lock("locked-model", wait_s=0.5):  # released: free again
+        pass
+
+
+def test_unlock_removes_a_leftover_lock(
+    tracking: str, update_params, capsys: pytest.CaptureFixture
+) -> None:
+    params = update_params({"mlflow": {"model_name": "left-locked"}})
+    registry.configure(params.mlflow)
+    mlflow.MlflowClient().create_registered_model("left-locked" + registry.LOCK_SUFFIX)
+    assert registry.main(["unlock"]) == 0
+    assert "removed" in capsys.readouterr().out
+    with registry.promotion_lock("left-locked", wait_s=0.5):
+        pass
+    assert registry.main(["unlock"]) == 0
+    assert "not held" in capsys.readouterr().out
+
+
+def test_versions_of_the_pytorch_flavour_still_load(prepared_project: Path, tracking: str) -> None:
+    """Champions registered by earlier template releases (MLflow's pytorch flavour, pickle)."""
+    model, example = _model()
+    registry.configure(load_params().mlflow)
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(
+            model, name="model", serialization_format="pickle", pip_requirements=["torch"]
+        )
+    version = registry.register(info.model_uri, "old-flavour")
+    loaded = registry.load_version("old-flavour", version)
+    x = torch.from_numpy(example.to_numpy(np.float32))
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

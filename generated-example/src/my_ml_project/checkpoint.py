@@ -12,35 +12,50 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import ProjectError
-from .model import atomic_save
-
-if TYPE_CHECKING:
-    from .train import TrainData
+from .config import Params, ProjectError
+from .data import TrainData
+from .fileio import atomic_write
 
 CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 # train.* knobs that do not change what is computed: a checkpoint stays resumable across them.
-NOT_FINGERPRINTED = ("resume", "device", "checkpoint_dir")
+NOT_FINGERPRINTED = ("resume", "device", "checkpoint_dir", "checkpoint_every")
 RESUME_MODES = ("auto", "always", "never")
 
 
-def fingerprint(params: dict[str, Any], data: TrainData, world_size: int = 1) -> str:
-    """Hash of everything that decides the training result; a checkpoint resumes only if equal."""
-    train = {k: v for k, v in params.get("train", {}).items() if k not in NOT_FINGERPRINTED}
+def source_digest() -> str:
+    """Hash of this package's source: a checkpoint of other code is not resumed."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def fingerprint(
+    params: Params, data: TrainData, *, world_size: int = 1, device: str = "cpu", amp: str = "off"
+) -> str:
+    """Hash of everything a checkpoint must match to be resumed.
+
+    The params and data that decide the result, the number of processes (the shards), the device
+    type and mixed-precision mode (an fp16 scaler state cannot go into a disabled scaler; CUDA
+    and CPU kernels differ), and the package's source.
+    """
     content = {
-        "seed": params.get("seed"),
-        "model": params.get("model"),
-        "train": train,
+        "seed": params.seed,
+        "model": params.model.model_dump(mode="json"),
+        "train": params.train.model_dump(mode="json", exclude=set(NOT_FINGERPRINTED)),
         "world_size": world_size,
+        "device": torch.device(device).type,
+        "amp": amp,
+        "source": source_digest(),
         "data": {k: data.md5[k] for k in ("train", "val", "schema")},
     }
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -82,7 +97,7 @@ def new_state(fp: str, run_id: str | None) -> dict[str, Any]:
         "bad_epochs": 0,
         "stopped_early": False,
         "history": [],
-        "stats": {"samples": 0.0, "seconds": 0.0},
+        "stats": {"samples": 0.0, "seconds": 0.0, "loop_seconds": 0.0},
         "run_id": run_id,
     }
 
@@ -123,12 +138,13 @@ def save(
         scaler=scaler.state_dict(),
         rng=rngs,
     )
-    atomic_save(state, path)
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def mark_finished(state: dict[str, Any], path: Path) -> None:
     """Rewrite the checkpoint as finished: ``resume: auto`` then starts the next run fresh."""
-    atomic_save({**state, "finished": True}, path)
+    finished = {**state, "finished": True}
+    atomic_write(path, lambda fh: torch.save(finished, fh))
 
 
 def read_checkpoint(path: Path, fp: str, mode: str) -> tuple[dict[str, Any] | None, str]:
@@ -148,14 +164,17 @@ def read_checkpoint(path: Path, fp: str, mode: str) -> tuple[dict[str, Any] | No
     if ckpt is None:
         if mode == "always":
             raise ProjectError(f"--resume: {path} is not a readable checkpoint; {fresh}")
-        return None, f"note: {path} is not a readable checkpoint; starting fresh"
+        return None, f"note: {path} is not a readable checkpoint; starting a fresh run"
     if ckpt["fingerprint"] != fp:
         if mode == "always":
             raise ProjectError(
-                f"--resume: {path} was made with other params (seed/model/train) or data; "
-                f"restore those, or {fresh}"
+                f"--resume: {path} was made with other params (seed/model/train), data, code, "
+                f"device type or mixed precision; restore those, or {fresh}"
             )
-        return None, f"note: {path} is from a run with other params or data; starting fresh"
+        return None, (
+            f"note: {path} is from a run with other params, data, code, device or precision; "
+            "starting a fresh run"
+        )
     if ckpt["finished"]:
         if mode == "always":
             raise ProjectError(f"--resume: the run in {path} already finished; {fresh}")

@@ -1,16 +1,34 @@
-"""Parameters from ``params.yaml`` and the errors a user can fix."""
+"""``params.yaml``: one typed schema, validated once when a stage starts; errors a user fixes.
+
+Every section is a pydantic model that forbids unknown keys (a typo must not be silently
+ignored) and refuses values of the wrong kind instead of coercing them: ``seed: 42.9`` and
+``stratify: "false"`` are errors, not 42 and True. Each error names the key, the bad value and
+what is valid. Stages receive the parsed :class:`Params` and hand each module its own section.
+"""
 
 from __future__ import annotations
 
+import difflib
 import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-_MISSING = object()
+PARAMS_FILE = Path("params.yaml")
 
 
 class ProjectError(Exception):
@@ -24,8 +42,195 @@ class ProjectError(Exception):
             self.exit_code = exit_code
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read the pipeline parameters (a YAML mapping) from ``path``."""
+def _not_bool(value: Any) -> Any:
+    # pydantic reads True as 1.0 for a float field: a YAML `yes` where a number belongs is a typo.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {value}")
+    return value
+
+
+# Finite numbers; numeric strings are accepted because YAML 1.1 reads `1e-3` as a string.
+Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+Fraction = Annotated[Number, Field(gt=0, lt=1)]
+Unit = Annotated[Number, Field(ge=0, le=1)]
+Text = Annotated[str, Field(min_length=1)]
+
+
+class Section(BaseModel):
+    """A section of params.yaml: unknown keys are errors; values are immutable once parsed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _column_list(value: Any, keyword: str, *, empty: bool) -> Any:
+    """``keyword`` itself, or a list of distinct column names (non-empty unless ``empty``)."""
+    if value == keyword:
+        return value
+    what = "a list" if empty else "a non-empty list"
+    if (
+        not isinstance(value, list)
+        or not (value or empty)
+        or not all(isinstance(v, str) for v in value)
+    ):
+        raise ValueError(f"expected '{keyword}' or {what} of column names")
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        raise ValueError(f"lists columns twice: {', '.join(twice)}")
+    return value
+
+
+class DataParams(Section):
+    raw_path: Text
+    target: Text
+    # "all" = every column except the target; or a list of column names.
+    features: Literal["all"] | list[Text] = "all"
+    # Gaps: refuse the file, drop the rows, or let the model fill them (learned on the train split).
+    missing: Literal["error", "drop", "impute"] = "error"
+    # "auto" = infer each column's kind; or the list of exactly the categorical columns.
+    categorical: Literal["auto"] | list[Text] = "auto"
+    # More distinct labels than this in a categorical column is an error (an ID, a date, text?).
+    max_categories: Annotated[StrictInt, Field(ge=2)] = 100
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _features(cls, value: Any) -> Any:
+        return _column_list(value, "all", empty=False)
+
+    @field_validator("categorical", mode="before")
+    @classmethod
+    def _categorical(cls, value: Any) -> Any:
+        return _column_list(value, "auto", empty=True)
+
+
+class SplitParams(Section):
+    val_size: Fraction
+    test_size: Fraction
+    stratify: StrictBool = True
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> SplitParams:
+        if self.val_size + self.test_size >= 1:
+            raise ValueError(
+                f"val_size + test_size = {self.val_size + self.test_size:g} leaves no training "
+                "rows: make their sum smaller than 1"
+            )
+        return self
+
+
+class ModelParams(Section):
+    hidden_sizes: list[Annotated[StrictInt, Field(gt=0)]] = [64, 32]
+    dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.1
+
+
+class TrainParams(Section):
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")] = "auto"
+    epochs: Annotated[StrictInt, Field(ge=1)]
+    batch_size: Annotated[StrictInt, Field(ge=1)]
+    lr: Annotated[Number, Field(gt=0)]
+    weight_decay: Annotated[Number, Field(ge=0)] = 0.0
+    patience: Annotated[StrictInt, Field(ge=0)] = 0
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    resume: Literal["auto", "always", "never"] = "auto"
+    checkpoint_dir: Text = "checkpoints"
+    # Write the checkpoint every N epochs (and always after the last one).
+    checkpoint_every: Annotated[StrictInt, Field(ge=1)] = 10
+    # Threads of a CPU run (0: PyTorch's default, one per core).
+    cpu_threads: Annotated[StrictInt, Field(ge=0)] = 1
+
+
+class EvaluateParams(Section):
+    metric: Literal["accuracy", "f1", "roc_auc"] = "f1"
+    min_score: Unit = 0.0
+    promotion_margin: Unit = 0.0
+
+
+class MlflowParams(Section):
+    tracking_uri: Text
+    experiment: Text
+    model_name: Text
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**32)]
+    data: DataParams
+    split: SplitParams
+    model: ModelParams = ModelParams()
+    train: TrainParams
+    evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams
+
+    def flat(self) -> dict[str, str]:
+        """``{"train.lr": "0.001", ...}``: every value as a string, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)[:500]
+    return flat
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    """``("model", "hidden_sizes", 0)`` -> ``model.hidden_sizes[0]``."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not str(part).startswith(("literal[", "list[")):  # union branches: not a key
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line for one pydantic error: the key, the value found, and what is valid."""
+    key, kind = _where(error["loc"]), error["type"]
+    if kind == "missing":
+        return f"{key}: required key is missing (see the template's params.yaml)"
+    if kind == "extra_forbidden":
+        parent = _model_at(error["loc"][:-1])
+        known = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+        hint = f" did you mean '{close[0]}'?" if close else ""
+        return f"{key}: unknown key.{hint} Valid keys here: {', '.join(known)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "bool_type":
+        message = "expected true or false (unquoted)"
+    return f"{key}: {message}, not {error['input']!r}"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def parse_params(raw: Any, source: str | Path = PARAMS_FILE) -> Params:
+    """Validate a params mapping; every problem is reported at once, one line each."""
+    if not isinstance(raw, dict):
+        raise ProjectError(
+            f"{source} must be a YAML mapping of sections (seed, data, split, model, ...), "
+            f"found {type(raw).__name__}"
+        )
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n".join(f"  {_describe(e)}" for e in exc.errors())
+        raise ProjectError(f"{source} is not valid:\n{lines}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate the pipeline parameters in ``path``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -37,27 +242,10 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ProjectError(f"{path} cannot be read ({exc}): fix the file") from None
     try:
-        params = yaml.safe_load(text)
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ProjectError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(params, dict):
-        raise ProjectError(
-            f"{path} must be a YAML mapping of sections (seed, data, split, model, ...), "
-            f"found {type(params).__name__}"
-        )
-    return params
-
-
-def get_param(params: dict[str, Any], key: str, default: Any = _MISSING) -> Any:
-    """Look up a dotted key such as ``"data.target"``; a missing required key is a ProjectError."""
-    node: Any = params
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            if default is not _MISSING:
-                return default
-            raise ProjectError(f"params.yaml has no `{key}`: add it (see the template's defaults)")
-        node = node[part]
-    return node
+    return parse_params(raw, path)
 
 
 def cli_errors(fn: Callable[..., int]) -> Callable[..., int]:

@@ -1,32 +1,48 @@
 """DVC stage ``prepare``: validate the raw CSV, split it, write parquet files and the schema.
 
 Run it as ``python -m <package>.data`` from the project root. Reads the ``seed``, ``data`` and
-``split`` sections of params.yaml.
+``split`` sections of params.yaml. Each feature column gets a kind (numeric, boolean or
+categorical, see :mod:`.features`); the splits hold the values in their kind's type, and the
+schema records the kinds and, for categories, the vocabulary of the train split. Later stages
+load the splits through :func:`load_split` and :func:`load_train_data`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .config import ProjectError, cli_errors, get_param, load_params
+from .config import DataParams, Params, ProjectError, SplitParams, cli_errors, load_params
+from .features import (
+    CATEGORICAL,
+    IMPUTE,
+    KINDS,
+    FeatureSpec,
+    ModelInputError,
+    infer_kind,
+    kinds_of,
+    typed,
+    vocabulary,
+)
+from .fileio import atomic_write, atomic_write_text, file_md5
 
 SPLITS = ("train", "val", "test")
 SCHEMA_FILE = "schema.json"
 # Fixed, like the stage outputs declared in dvc.yaml.
 PROCESSED_DIR = Path("data/processed")
 FIX_COLUMNS = "edit data.raw_path / data.target / data.features in params.yaml"
+FIX_KINDS = (
+    "fix those values in the file, or list the column in data.categorical if it holds categories"
+)
 FIX_PREPARE = f"run `dvc repro prepare` (or `python -m {__package__}.data`)"
 
 
@@ -36,16 +52,25 @@ class DataError(ProjectError):
 
 @dataclass
 class Schema:
-    """What the model is trained on: feature columns in order, target column, class labels."""
+    """What the model is trained on: feature columns in order, target column, class labels; the
+    kind of each feature, each category's vocabulary (train split), the data.missing in force."""
 
     features: list[str]
     target: str
     classes: list[str]
+    kinds: dict[str, str] = field(default_factory=dict)  # empty: every feature numeric
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    missing: str = "error"
+
+    @property
+    def spec(self) -> FeatureSpec:
+        """How the model reads the features (what :func:`to_arrays` encodes with)."""
+        return FeatureSpec.build(self.features, self.kinds or None, self.categories, self.missing)
 
     def save(self, path: str | Path, **metadata: Any) -> None:
         """Write the schema plus free-form ``metadata`` (row counts, hashes) as JSON."""
-        text = json.dumps({**asdict(self), **metadata}, indent=2) + "\n"
-        atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        text = json.dumps({**asdict(self), **metadata}, indent=2, ensure_ascii=False)
+        atomic_write_text(path, text + "\n")  # UTF-8: category labels stay readable
 
     @classmethod
     def load(cls, path: str | Path) -> Schema:
@@ -53,14 +78,21 @@ class Schema:
         path = Path(path)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            return cls(
+            schema = cls(
                 features=[str(f) for f in raw["features"]],
                 target=str(raw["target"]),
                 classes=[str(c) for c in raw["classes"]],
+                kinds={str(k): str(v) for k, v in raw.get("kinds", {}).items()},
+                categories={
+                    str(k): [str(c) for c in v] for k, v in raw.get("categories", {}).items()
+                },
+                missing=str(raw.get("missing", "error")),
             )
+            schema.spec  # noqa: B018 (validates kinds against features and categories)
+            return schema
         except FileNotFoundError:
             raise DataError(f"{path} not found: {FIX_PREPARE}") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DataError(f"{path} is not a valid schema ({exc!r}): {FIX_PREPARE}") from None
 
 
@@ -146,43 +178,79 @@ def _select_features(df: pd.DataFrame, exp: _Expect) -> list[str]:
     return features
 
 
-def _check_numeric(df: pd.DataFrame, features: list[str], exp: _Expect) -> None:
-    bad = []
-    for col in features:
-        if pd.api.types.is_numeric_dtype(df[col]):
-            continue
-        values = df[col].dropna()
-        example = values[pd.to_numeric(values, errors="coerce").isna()]
-        sample = f", e.g. {example.iloc[0]!r}" if len(example) else ""
-        bad.append(f"{col} ({df[col].dtype}{sample})")
-    if bad:
+def _decide_kinds(
+    df: pd.DataFrame, features: list[str], categorical: str | list[str], exp: _Expect
+) -> dict[str, str]:
+    """``auto``: infer every kind; a list: exactly those columns are categorical."""
+    if categorical == "auto":
+        return {name: infer_kind(df[name]) for name in features}
+    listed = list(categorical)
+    strangers = [name for name in listed if name not in features]
+    if strangers:
         raise exp.error(
-            f"non-numeric feature columns: {'; '.join(bad)}",
-            "convert them to numbers in the file, or leave them out of data.features",
+            f"data.categorical lists columns that are not features: {', '.join(strangers)}",
+            "list only feature columns in data.categorical (or set it to auto)",
+        )
+    return {
+        name: CATEGORICAL if name in listed else infer_kind(df[name], allow_categorical=False)
+        for name in features
+    }
+
+
+def _typed(df: pd.DataFrame, kinds: dict[str, str], exp: _Expect) -> pd.DataFrame:
+    """Feature values in their kind's type, then the target as text."""
+    try:
+        values = typed(df, kinds)
+    except ModelInputError as exc:
+        raise exp.error(str(exc), FIX_KINDS) from None
+    empty = [name for name in kinds if values[name].isna().all()]
+    if empty:
+        raise exp.error(
+            f"feature columns without a single value: {', '.join(empty)}",
+            "leave them out of data.features, or fill them in the file",
+        )
+    return values.assign(**{exp.target: df[exp.target]})
+
+
+def _check_categories(df: pd.DataFrame, max_categories: int, exp: _Expect) -> None:
+    kinds = kinds_of(df.drop(columns=exp.target))
+    counts = {name: df[name].nunique() for name, kind in kinds.items() if kind == CATEGORICAL}
+    many = [f"{name} ({n})" for name, n in counts.items() if n > max_categories]
+    if many:
+        raise exp.error(
+            f"categorical columns with more than data.max_categories={max_categories} distinct "
+            f"values: {', '.join(many)}. An identifier, a date or free text is no category",
+            "leave such columns out of data.features, or raise data.max_categories if they are "
+            "categories",
         )
 
 
-def _handle_missing(df: pd.DataFrame, used: list[str], missing: str, exp: _Expect) -> pd.DataFrame:
-    if missing not in ("error", "drop"):
-        raise exp.error(
-            f"data.missing must be 'error' or 'drop', not {missing!r}", "fix params.yaml"
-        )
-    # Infinite values break training just like NaN, so they count as missing.
-    bad = df[used].isna() | df[used].isin([np.inf, -np.inf])
+def _handle_missing(
+    df: pd.DataFrame, features: list[str], missing: str, exp: _Expect
+) -> pd.DataFrame:
+    # typed() made infinite values NaN: they break training just like gaps.
+    # Under impute the model fills feature gaps; a row without a label is of no use at all.
+    checked = [exp.target] if missing == IMPUTE else [*features, exp.target]
+    bad = df[checked].isna()
     bad_rows = bad.any(axis=1)
     n_bad = int(bad_rows.sum())
-    if n_bad == 0:
-        return df
-    if missing == "error":
+    if n_bad and missing == "error":
         per_column = bad.sum()
         cols = [f"{c} ({int(n)})" for c, n in per_column[per_column > 0].items()]
         raise exp.error(
             f"{n_bad} of {len(df)} rows have missing or infinite values in: "
             f"{_short_list(cols, 20)}",
-            "set data.missing: drop or clean the file",
+            "set data.missing: impute or drop, or clean the file",
         )
-    print(f"dropped {n_bad} of {len(df)} rows with missing or infinite values (data.missing: drop)")
-    return df.loc[~bad_rows].reset_index(drop=True)
+    if n_bad:
+        what = "without a target" if missing == IMPUTE else "with missing or infinite values"
+        print(f"dropped {n_bad} of {len(df)} rows {what} (data.missing: {missing})")
+        df = df.loc[~bad_rows].reset_index(drop=True)
+    gaps = df[features].isna().sum()
+    if missing == IMPUTE and gaps.any():
+        listed = [f"{c} ({int(n)})" for c, n in gaps[gaps > 0].items()]
+        print(f"data.missing: impute: the model fills the gaps in {_short_list(listed)}")
+    return df
 
 
 def read_raw(
@@ -190,15 +258,19 @@ def read_raw(
     target: str,
     features: str | list[str] = "all",
     missing: str = "error",
+    categorical: str | list[str] = "auto",
+    max_categories: int = 100,
 ) -> pd.DataFrame:
-    """Load the raw CSV and validate it: the feature columns in order, then the target as text."""
+    """Load the raw CSV and validate it: the feature columns in order, each in its kind's type
+    (float64, nullable boolean, text), then the target as text."""
     exp = _Expect(Path(path), target, features)
     df = _read_csv(exp)
     cols = _select_features(df, exp)
-    df = _handle_missing(df[[*cols, target]], [*cols, target], missing, exp)
+    df = _typed(df, _decide_kinds(df, cols, categorical, exp), exp)
+    _check_categories(df, max_categories, exp)
+    df = _handle_missing(df, cols, missing, exp)
     if df.empty:
         raise exp.error("no rows left after dropping missing values", "clean the file")
-    _check_numeric(df, cols, exp)
     df = df.assign(**{target: df[target].str.strip()})
     n_classes = df[target].nunique()
     if n_classes < 2:
@@ -207,17 +279,6 @@ def read_raw(
             "choose another data.target, or add rows of the other classes",
         )
     return df
-
-
-def _check_sizes(val_size: float, test_size: float) -> None:
-    for name, size in (("split.val_size", val_size), ("split.test_size", test_size)):
-        if not 0 < size < 1:
-            raise DataError(f"{name} must be between 0 and 1, not {size!r}: fix params.yaml")
-    if val_size + test_size >= 1:
-        raise DataError(
-            f"split.val_size + split.test_size = {val_size + test_size:g} leaves no training rows: "
-            "make their sum smaller than 1 in params.yaml"
-        )
 
 
 def _check_class_sizes(df: pd.DataFrame, val_size: float, test_size: float, exp: _Expect) -> None:
@@ -245,7 +306,6 @@ def split_frame(
     """Split into train/val/test (fractions of the whole), stratified on the target if asked."""
     from sklearn.model_selection import train_test_split
 
-    _check_sizes(val_size, test_size)
     # Row counts, not fractions: the second split's fraction of the rest would round unevenly.
     n_test = max(1, round(test_size * len(df)))
     n_val = max(1, round(val_size * len(df)))
@@ -261,66 +321,48 @@ def split_frame(
     return train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True)
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def file_md5(path: str | Path) -> str:
-    """MD5 of a file, the hash DVC uses too."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def prepare(params: dict[str, Any]) -> Schema:
+def prepare(params: Params) -> Schema:
     """Validate the raw CSV, split it, write the parquet splits and schema.json."""
-    raw_path = Path(get_param(params, "data.raw_path"))
-    target = str(get_param(params, "data.target"))
-    features = get_param(params, "data.features", "all")
-    missing = get_param(params, "data.missing", "error")
-    out_dir = PROCESSED_DIR
-    stratify = bool(get_param(params, "split.stratify", True))
-    try:
-        seed = int(get_param(params, "seed"))
-        val_size = float(get_param(params, "split.val_size"))
-        test_size = float(get_param(params, "split.test_size"))
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"seed and split.*_size in params.yaml must be numbers ({exc})") from None
-    _check_sizes(val_size, test_size)
-
-    df = read_raw(raw_path, target, features, missing)
-    if stratify:
-        _check_class_sizes(df, val_size, test_size, _Expect(raw_path, target, features))
+    data: DataParams = params.data
+    split: SplitParams = params.split
+    raw_path, target, out_dir = Path(data.raw_path), data.target, PROCESSED_DIR
+    df = read_raw(
+        raw_path, target, data.features, data.missing, data.categorical, data.max_categories
+    )
+    if split.stratify:
+        expect = _Expect(raw_path, target, data.features)
+        _check_class_sizes(df, split.val_size, split.test_size, expect)
     parts = dict(
-        zip(SPLITS, split_frame(df, target, val_size, test_size, seed, stratify), strict=True)
-    )
-    schema = Schema(
-        features=list(df.columns[:-1]), target=target, classes=sorted(df[target].unique())
-    )
-
-    for name, part in parts.items():
-        atomic_write(
-            out_dir / f"{name}.parquet", lambda tmp, p=part: p.to_parquet(tmp, index=False)
+        zip(
+            SPLITS,
+            split_frame(df, target, split.val_size, split.test_size, params.seed, split.stratify),
+            strict=True,
         )
+    )
+    kinds = kinds_of(df.drop(columns=target))
+    schema = Schema(
+        features=list(kinds),
+        target=target,
+        classes=sorted(df[target].unique()),
+        kinds=kinds,
+        # Learned on the train split only: a label seen only in val or test is unknown (code 0).
+        categories={c: vocabulary(parts["train"][c]) for c, k in kinds.items() if k == CATEGORICAL},
+        missing=data.missing,
+    )
+    for name, part in parts.items():
+        atomic_write(out_dir / f"{name}.parquet", lambda fh, p=part: p.to_parquet(fh, index=False))
     rows = {name: len(part) for name, part in parts.items()}
     schema.save(
         out_dir / SCHEMA_FILE,
         rows=rows,
         class_counts={str(k): int(v) for k, v in df[target].value_counts().sort_index().items()},
         raw={"path": raw_path.as_posix(), "md5": file_md5(raw_path), "rows_used": len(df)},
-        seed=seed,
+        seed=params.seed,
     )
+    counted = {kind: list(kinds.values()).count(kind) for kind in KINDS}
     print(
-        f"prepared {len(df)} rows from {raw_path}: {len(schema.features)} features, "
+        f"prepared {len(df)} rows from {raw_path}: {len(schema.features)} features "
+        f"({', '.join(f'{n} {kind}' for kind, n in counted.items() if n)}), "
         f"{len(schema.classes)} classes ({_short_list(schema.classes)})\n"
         f"  -> {out_dir}: " + ", ".join(f"{k} {v}" for k, v in rows.items())
     )
@@ -345,8 +387,12 @@ def load_frame(name: str, processed_dir: str | Path = PROCESSED_DIR) -> tuple[pd
 
 
 def to_arrays(df: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
-    """Features as float32 [N, F] in schema order; labels as int64 indices into schema.classes."""
-    x = df[schema.features].to_numpy(dtype=np.float32)
+    """Features encoded as the model reads them (``FeatureSpec.encode``: float32 [N, F], numbers
+    then category codes); labels as int64 indices into schema.classes."""
+    try:
+        x = schema.spec.encode(df)
+    except ModelInputError as exc:
+        raise DataError(f"{exc}: {FIX_PREPARE}") from None
     index = {label: i for i, label in enumerate(schema.classes)}
     labels = df[schema.target].astype(str)
     unknown = sorted(set(labels) - index.keys())
@@ -366,6 +412,40 @@ def load_split(
     df, schema = load_frame(name, processed_dir)
     x, y = to_arrays(df, schema)
     return x, y, schema
+
+
+@dataclass
+class TrainData:
+    """Prepared train/val arrays, their schema, and the md5 of each file (as DVC computes it);
+    ``example``: a few rows of the val split's feature columns, as prepared (MLflow's example)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    schema: Schema
+    md5: dict[str, str]
+    example: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def load_train_data(processed_dir: str | Path = PROCESSED_DIR) -> TrainData:
+    """Load the train and val splits written by the prepare stage, with their hashes."""
+    folder = Path(processed_dir)
+    x_train, y_train, schema = load_split("train", folder)
+    val, _ = load_frame("val", folder)
+    x_val, y_val = to_arrays(val, schema)
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise ProjectError(f"{folder}: the train or val split is empty: use more data")
+    md5 = {name: file_md5(folder / f"{name}.parquet") for name in ("train", "val")}
+    md5["schema"] = file_md5(folder / SCHEMA_FILE)
+    raw = json.loads((folder / SCHEMA_FILE).read_text(encoding="utf-8")).get("raw")
+    if isinstance(raw, dict) and raw.get("md5"):
+        md5["raw"] = str(raw["md5"])
+    # Complete rows where there are: the MLflow signature reads each column's type from them.
+    rows = val[schema.features]
+    complete = rows.dropna()
+    example = (complete if len(complete) >= 2 else rows).head(5).reset_index(drop=True)
+    return TrainData(x_train, y_train, x_val, y_val, schema, md5, example)
 
 
 @cli_errors

@@ -1,16 +1,21 @@
 """DVC stage ``evaluate``: test metrics, plots, and the promotion gate of the registered model.
 
-Run it as ``python -m <package>.evaluate`` from the project root, after ``train``. Reads the
-``evaluate``, ``data`` and ``mlflow`` sections of params.yaml and ``models/run.json``.
+Run it as ``python -m <package>.evaluate [--replace-unloadable-champion]`` from the project root,
+after ``train``. Reads the ``evaluate``, ``mlflow`` sections of params.yaml, ``models/run.json``
+and the prepared splits.
 
 The gate, in order:
 1. quality: the model must beat the majority-class baseline on ``evaluate.metric`` and reach
-   ``evaluate.min_score`` (when > 0); else the decision is ``failed``, exit code 3;
-2. promotion: if another version holds the ``champion`` alias, it is scored on the same test
-   split; the candidate becomes champion only if its score >= champion's + ``promotion_margin``,
-   else it gets the alias ``challenger`` (``not_promoted``, exit code 0: a valid experiment that
-   is not better must not break ``dvc repro``). A champion trained on other features or classes
-   (the dataset changed) cannot be scored on this split: the candidate is promoted.
+   ``evaluate.min_score`` (when > 0); else ``GATE FAILED``, exit code 3. The version is tagged,
+   never given an alias.
+2. promotion, under the registry's promotion lock: the ``champion`` is scored on the same test
+   split, its features taken by name; the candidate becomes champion only if its score >=
+   champion's + ``promotion_margin``, else it gets the alias ``challenger`` (``NOT PROMOTED``,
+   exit code 0: a valid experiment that is not better must not break ``dvc repro``).
+3. fail closed: when the champion cannot be loaded or scored (artefacts gone, store down, other
+   features or classes), nothing moves: ``GATE UNDECIDED``, exit code 4. Replacing such a
+   champion on purpose takes ``--replace-unloadable-champion`` (or the environment variable
+   ``REPLACE_UNLOADABLE_CHAMPION=1``, which reaches the stage through ``dvc repro``).
 Outputs: metrics/evaluate.json, metrics/gate.json, plots/confusion.csv, plots/curve.csv; the test
 metrics are logged to the training run (``test_*``) and the version is tagged with the decision.
 """
@@ -19,20 +24,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
-import math
-import time
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn import metrics as skm
 
 from . import registry
-from .config import ProjectError, cli_errors, get_param, load_params
-from .data import PROCESSED_DIR, DataError, load_split
+from .config import EvaluateParams, Params, ProjectError, cli_errors, load_params
+from .data import PROCESSED_DIR, DataError, Schema, load_frame, load_split, to_arrays
+from .fileio import atomic_write_text
 from .model import TabularClassifier, load_model
 
 MODEL_PATH = Path("models/model.pt")
@@ -41,9 +48,16 @@ METRICS_PATH = Path("metrics/evaluate.json")
 GATE_PATH = Path("metrics/gate.json")
 CONFUSION_PATH = Path("plots/confusion.csv")
 CURVE_PATH = Path("plots/curve.csv")
-METRICS = ("accuracy", "f1", "roc_auc")
 GATE_FAILED_EXIT = 3
+GATE_UNDECIDED_EXIT = 4
+REPLACE_ENV = "REPLACE_UNLOADABLE_CHAMPION"
 FIX_TRAIN = f"run the train stage first (`dvc repro train` or `python -m {__package__}.train`)"
+LABELS = {
+    "promoted": "PROMOTED",
+    "not_promoted": "NOT PROMOTED",
+    "failed": "GATE FAILED",
+    "undecided": "GATE UNDECIDED",
+}
 
 
 class GateFailedError(ProjectError):
@@ -52,11 +66,21 @@ class GateFailedError(ProjectError):
     exit_code = GATE_FAILED_EXIT
 
 
+class GateUndecidedError(ProjectError):
+    """The gate cannot compare with the champion, so nothing is promoted (exit code 4)."""
+
+    exit_code = GATE_UNDECIDED_EXIT
+
+
+class ChampionUnusableError(Exception):
+    """The champion cannot be loaded or scored on this test split (the reason is the message)."""
+
+
 @dataclass
 class Decision:
     """What the gate decided; written to metrics/gate.json."""
 
-    decision: str  # promoted | not_promoted | failed
+    decision: str  # promoted | not_promoted | failed | undecided
     reason: str
     metric: str
     model_name: str
@@ -69,11 +93,21 @@ class Decision:
     champion_score: float | None = None
 
 
-def predict_proba(model: TabularClassifier, x: np.ndarray) -> np.ndarray:
-    """Class probabilities [N, C] in float64, rows summing to 1 (sklearn checks that)."""
+@dataclass
+class TestSplit:
+    """The test split as a frame of raw columns (models read it by name) and its labels."""
+
+    frame: pd.DataFrame
+    y: np.ndarray
+    schema: Schema
+
+
+def predict_proba(model: TabularClassifier, frame: pd.DataFrame) -> np.ndarray:
+    """Class probabilities [N, C] of the rows of ``frame``, read by the model itself (its
+    ``predict_proba_frame``, as any server would); float64, rows summing to 1 (sklearn checks)."""
     model.eval()
     with torch.no_grad():
-        proba = model.predict_proba(torch.from_numpy(x)).cpu().numpy().astype(np.float64)
+        proba = model.predict_proba_frame(frame).cpu().numpy().astype(np.float64)
     return proba / proba.sum(axis=1, keepdims=True)
 
 
@@ -97,10 +131,10 @@ def compute_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     return result
 
 
-def class_priors(n_classes: int, processed_dir: str | Path, y_test: np.ndarray) -> np.ndarray:
+def class_priors(n_classes: int, y_test: np.ndarray) -> np.ndarray:
     """Class frequencies of the train split (what a model could know), else of the test split."""
     try:
-        _, y, _ = load_split("train", processed_dir)
+        _, y, _ = load_split("train")
     except DataError:
         y = y_test
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
@@ -143,19 +177,18 @@ def write_outputs(
     metrics: dict[str, float], y: np.ndarray, proba: np.ndarray, classes: list[str]
 ) -> None:
     """metrics/evaluate.json, plots/confusion.csv (label names), plots/curve.csv."""
-    METRICS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    METRICS_PATH.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    CONFUSION_PATH.parent.mkdir(parents=True, exist_ok=True)
-    with CONFUSION_PATH.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows(
-            (classes[a], classes[p]) for a, p in zip(y, proba.argmax(axis=1), strict=True)
-        )
-    with CURVE_PATH.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["x", "y"])
-        writer.writerows(roc_points(y, proba))
+    atomic_write_text(METRICS_PATH, json.dumps(metrics, indent=2) + "\n")
+    pairs = [(classes[a], classes[p]) for a, p in zip(y, proba.argmax(axis=1), strict=True)]
+    atomic_write_text(CONFUSION_PATH, _csv(["actual", "predicted"], pairs))
+    atomic_write_text(CURVE_PATH, _csv(["x", "y"], roc_points(y, proba)))
+
+
+def _csv(header: list[str], rows: list[tuple[Any, ...]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def read_run_info(path: Path = RUN_INFO_PATH) -> dict[str, Any]:
@@ -174,77 +207,89 @@ def read_run_info(path: Path = RUN_INFO_PATH) -> dict[str, Any]:
     return info
 
 
-def gate_params(params: dict[str, Any]) -> tuple[str, float, float]:
-    """evaluate.metric, evaluate.min_score, evaluate.promotion_margin, validated."""
-    metric = str(get_param(params, "evaluate.metric"))
-    if metric not in METRICS:
-        raise ProjectError(
-            f"evaluate.metric in params.yaml is {metric!r}: use one of {', '.join(METRICS)}"
-        )
-    values = []
-    for key in ("evaluate.min_score", "evaluate.promotion_margin"):
-        value = get_param(params, key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            raise ProjectError(f"{key} in params.yaml must be a number, not {value!r}")
-        values.append(float(value))
-    if not 0 <= values[0] <= 1:
-        raise ProjectError(f"evaluate.min_score must be in [0, 1] (0 disables it), not {values[0]}")
-    return metric, values[0], values[1]
-
-
-def same_inputs(champion: Any, model: TabularClassifier) -> bool:
-    """Whether the champion reads the same features and predicts the same classes."""
-    return list(getattr(champion, "feature_names", [])) == list(model.feature_names) and list(
-        getattr(champion, "class_names", [])
-    ) == list(model.class_names)
+def load_test_split(processed_dir: str | Path = PROCESSED_DIR) -> TestSplit:
+    frame, schema = load_frame("test", processed_dir)
+    _, y = to_arrays(frame, schema)  # also checks that the split matches its schema
+    return TestSplit(frame, y, schema)
 
 
 def _fmt(value: float) -> str:
     return f"{value:.4f}"
 
 
-def decide(decision: Decision, model: TabularClassifier, x: np.ndarray, y: np.ndarray) -> Decision:
-    """Fill in the decision: quality gate first, then the comparison with the champion."""
-    d, metric = decision, decision.metric
-    v = f"v{d.candidate_version}"
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, short: the gate reports in one line."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def quality_gate(d: Decision) -> bool:
+    """Baseline and floor; on failure fill in the decision and return False."""
+    v, metric = f"v{d.candidate_version}", d.metric
     if d.candidate_score <= d.baseline_score:
         d.decision = "failed"
         d.reason = (
             f"candidate {v} {metric} {_fmt(d.candidate_score)} "
             f"<= baseline {_fmt(d.baseline_score)} (always predicting the majority class)"
         )
-        return d
-    if d.min_score > 0 and d.candidate_score < d.min_score:
+    elif d.min_score > 0 and d.candidate_score < d.min_score:
         d.decision = "failed"
         d.reason = (
             f"candidate {v} {metric} {_fmt(d.candidate_score)} "
             f"< evaluate.min_score {_fmt(d.min_score)}"
         )
-        return d
+    return d.decision != "failed"
+
+
+def champion_score(name: str, version: str, test: TestSplit, metric: str) -> float:
+    """Score a registered version on the test split, reading its own features by name.
+
+    Raises ChampionUnusableError when it cannot be loaded, or its inputs or classes cannot be
+    built from this split: then no comparison is possible.
+    """
+    what = f"champion v{version}"
+    try:
+        champion = registry.load_version(name, version)
+    except Exception as exc:  # artefacts gone, store down, credentials, incompatible pickle
+        raise ChampionUnusableError(f"{what} cannot be loaded ({_one_line(exc)})") from None
+    classes = [str(c) for c in getattr(champion, "class_names", None) or []]
+    if not classes or not hasattr(champion, "feature_names"):
+        raise ChampionUnusableError(f"{what} is not a model of this project")
+    if sorted(classes) != sorted(test.schema.classes):
+        raise ChampionUnusableError(
+            f"{what} predicts other classes ({', '.join(classes)}) than this test split has "
+            f"({', '.join(test.schema.classes)})"
+        )
+    try:
+        proba = predict_proba(champion, test.frame)
+    except Exception as exc:  # missing columns (ModelInputError), or a model that fails
+        raise ChampionUnusableError(f"{what} cannot be scored ({_one_line(exc)})") from None
+    index = {label: i for i, label in enumerate(classes)}
+    y = test.frame[test.schema.target].astype(str).map(index).to_numpy(np.int64)
+    return score(metric, compute_metrics(y, proba), "champion")
+
+
+def compare(d: Decision, test: TestSplit, replace_unloadable: bool) -> None:
+    """Decide against the current champion (promoted, not_promoted or undecided)."""
+    v, metric = f"v{d.candidate_version}", d.metric
     champion = registry.get_alias_version(d.model_name, registry.CHAMPION)
-    d.champion_version = champion
-    d.decision = "promoted"
+    d.champion_version, d.champion_score, d.decision = champion, None, "promoted"
     if champion is None:
         d.reason = f"candidate {v} {metric}={_fmt(d.candidate_score)}; there was no champion yet"
-        return d
+        return
     if champion == d.candidate_version:
         d.champion_score = d.candidate_score
         d.reason = f"candidate {v} already is the champion ({metric}={_fmt(d.candidate_score)})"
-        return d
+        return
     try:
-        champion_model = registry.load_version(d.model_name, champion)
-    except Exception as exc:  # any load failure: the champion could not be served either
-        d.reason = f"champion v{champion} cannot be loaded ({type(exc).__name__}: {exc})"
-        return d
-    if not same_inputs(champion_model, model):
-        d.reason = (
-            f"champion v{champion} was trained on other features or classes (the dataset "
-            "changed), so it cannot be scored on this test split"
-        )
-        return d
-    d.champion_score = score(
-        metric, compute_metrics(y, predict_proba(champion_model, x)), "champion"
-    )
+        d.champion_score = champion_score(d.model_name, champion, test, metric)
+    except ChampionUnusableError as exc:
+        if replace_unloadable:
+            d.reason = f"{exc}; replaced on purpose (--replace-unloadable-champion)"
+        else:
+            d.decision, d.reason = "undecided", str(exc)
+        return
     comparison = (
         f"candidate {v} {metric}={_fmt(d.candidate_score)} "
         f"{{}} champion v{champion} {metric}={_fmt(d.champion_score)} + margin {_fmt(d.margin)}"
@@ -252,15 +297,38 @@ def decide(decision: Decision, model: TabularClassifier, x: np.ndarray, y: np.nd
     if d.candidate_score >= d.champion_score + d.margin:
         d.reason = comparison.format(">=")
     else:
-        d.decision = "not_promoted"
-        d.reason = comparison.format("<")
-    return d
+        d.decision, d.reason = "not_promoted", comparison.format("<")
+
+
+def promote(d: Decision, test: TestSplit, replace_unloadable: bool) -> str:
+    """Compare and move the aliases under the promotion lock; return the summary line.
+
+    Compare-and-set: the champion alias is read again right before it is moved, and the
+    comparison is made again if it moved meanwhile (someone moved it by hand, say).
+    """
+    with registry.promotion_lock(d.model_name):
+        for _ in range(3):
+            compare(d, test, replace_unloadable)
+            if d.decision == "undecided":
+                return _undecided(d)
+            if registry.get_alias_version(d.model_name, registry.CHAMPION) == d.champion_version:
+                return apply_decision(d)
+        d.decision, d.reason = "undecided", "the champion alias kept moving during evaluation"
+        return _undecided(d)
+
+
+def _undecided(d: Decision) -> str:
+    kept = f"champion v{d.champion_version} unchanged" if d.champion_version else "no alias moved"
+    return (
+        f"GATE UNDECIDED: {d.reason}; candidate v{d.candidate_version} not promoted, {kept}. "
+        "Fix: restore the champion's artefacts or the store, or replace it on purpose with "
+        "`nox -s evaluate -- --replace-unloadable-champion`"
+    )
 
 
 def apply_decision(d: Decision) -> str:
-    """Move the aliases, tag the version; return the one-paragraph summary."""
+    """Move the aliases of a valid candidate; return the one-line summary."""
     name, version = d.model_name, d.candidate_version
-    is_champion = registry.get_alias_version(name, registry.CHAMPION) == version
     if d.decision == "promoted":
         registry.set_alias(name, registry.CHAMPION, version)
         if registry.get_alias_version(name, registry.CHALLENGER) == version:
@@ -268,105 +336,101 @@ def apply_decision(d: Decision) -> str:
         before = d.champion_version
         was = f" (was v{before})" if before not in (None, version) else ""
         after = f"'{name}' v{version} is the champion{was}."
-    elif is_champion:
-        # Taking the served model away is a person's decision, not a side effect of new params.
-        after = (
-            f"'{name}' v{version} keeps its alias 'champion': move or delete it by hand "
-            "if it must not be served."
-        )
-    else:
+    else:  # not_promoted: a valid model that lost the comparison
         registry.set_alias(name, registry.CHALLENGER, version)
-        kept = "" if d.champion_version is None else f" v{d.champion_version} stays champion;"
-        after = f"'{name}'{kept} v{version} stays registered with alias 'challenger'."
-    if d.decision == "failed":
-        after += (
-            " Fix: improve the model (model/train in params.yaml) or the data, or lower "
-            "evaluate.min_score if the floor is too strict."
-        )
-    registry.set_version_tags(
-        name, version, {"gate": d.decision, "gate_metric": d.metric, "gate_reason": d.reason}
+        after = f"'{name}' v{d.champion_version} stays champion; v{version} is the challenger."
+    return f"{LABELS[d.decision]}: {d.reason}. {after}"
+
+
+def failed_summary(d: Decision) -> str:
+    """A model below the baseline or floor: a tag, never an alias (the challenger stays)."""
+    name, version = d.model_name, d.candidate_version
+    after = (
+        "Fix: improve the model (model/train in params.yaml) or the data, or lower "
+        "evaluate.min_score if the floor is too strict."
     )
-    label = {"promoted": "PROMOTED", "not_promoted": "NOT PROMOTED", "failed": "GATE FAILED"}
-    return f"{label[d.decision]}: {d.reason}. {after}"
+    if registry.get_alias_version(name, registry.CHAMPION) == version:
+        # Taking the served model away is a person's decision, not a side effect of new params.
+        after = f"v{version} keeps its alias 'champion': move it by hand if it must not be served."
+    return f"GATE FAILED: {d.reason}. {after}"
 
 
-def log_test_metrics(run_id: str, metrics: dict[str, float], decision: str) -> None:
-    """Add the test metrics (``test_*``) and the decision to the training run."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, RunTag
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    now = int(time.time() * 1000)
-    try:
-        client.log_batch(
-            run_id,
-            metrics=[Metric(f"test_{k}", v, now, 0) for k, v in metrics.items()],
-            tags=[RunTag("gate", decision)],
-        )
-    except MlflowException as exc:
-        raise ProjectError(
-            f"cannot log to the training run {run_id} ({exc.message}): train and evaluate must "
-            f"use the same MLflow store; re-run training (`dvc repro --force train`)"
-        ) from None
+def read_replace_env() -> bool:
+    return os.environ.get(REPLACE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def check_version(model_name: str, version: str, uri: str) -> None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        MlflowClient().get_model_version(model_name, version)
-    except MlflowException:
-        raise ProjectError(
-            f"model '{model_name}' version {version} (from {RUN_INFO_PATH}) is not in the MLflow "
-            f"store {uri}: the store changed since training; re-run `dvc repro --force train`"
-        ) from None
-
-
-def evaluate(params: dict[str, Any]) -> Decision:
+def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
     """Score models/model.pt on the test split, write the outputs, and run the gate."""
-    metric, min_score, margin = gate_params(params)
+    cfg: EvaluateParams = params.evaluate
     info = read_run_info()
-    processed_dir = PROCESSED_DIR
-    x, y, schema = load_split("test", processed_dir)
+    test = load_test_split()
     model = load_model(MODEL_PATH)
-    if list(model.feature_names) != schema.features or list(model.class_names) != schema.classes:
+    if list(model.feature_names) != test.schema.features or list(model.class_names) != (
+        test.schema.classes
+    ):
         raise ProjectError(
-            f"{MODEL_PATH} was trained on other features or classes than {processed_dir}: "
+            f"{MODEL_PATH} was trained on other features or classes than {PROCESSED_DIR}: "
             "re-run training (`dvc repro`)"
         )
-    uri = registry.configure(params)
-    name, version = str(info["model_name"]), str(info["model_version"])
-    check_version(name, version, uri)
-
-    proba = predict_proba(model, x)
-    metrics = compute_metrics(y, proba)
-    baseline = baseline_metrics(y, class_priors(len(schema.classes), processed_dir, y))
-    candidate_score = score(metric, metrics, "model")
+    proba = predict_proba(model, test.frame)
+    metrics = compute_metrics(test.y, proba)
+    baseline = baseline_metrics(test.y, class_priors(len(test.schema.classes), test.y))
+    candidate_score = score(cfg.metric, metrics, "model")
     report = {**metrics, **{f"baseline_{k}": v for k, v in baseline.items()}}
     report = {k: round(v, 6) for k, v in report.items()}
-    write_outputs({**report, "n_test": len(y)}, y, proba, schema.classes)
+    write_outputs({**report, "n_test": len(test.y)}, test.y, proba, test.schema.classes)
 
-    decision = Decision(
+    d = Decision(
         decision="",
         reason="",
-        metric=metric,
-        model_name=name,
-        candidate_version=version,
+        metric=cfg.metric,
+        model_name=str(info["model_name"]),
+        candidate_version=str(info["model_version"]),
         candidate_score=candidate_score,
-        baseline_score=baseline[metric],
-        min_score=min_score,
-        margin=margin,
+        baseline_score=baseline[cfg.metric],
+        min_score=cfg.min_score,
+        margin=cfg.promotion_margin,
     )
-    decide(decision, model, x, y)
-    log_test_metrics(str(info["run_id"]), report, decision.decision)
-    summary = apply_decision(decision)
-    GATE_PATH.write_text(json.dumps(asdict(decision), indent=2) + "\n", encoding="utf-8")
-    if decision.decision == "failed":
+    uri = registry.configure(params.mlflow)
+    try:
+        summary = _gate(d, test, info, report, replace_unloadable, uri)
+    except ProjectError:
+        raise
+    except Exception as exc:  # the store failed mid-way: nothing more moves, say so
+        d.decision = "undecided"
+        d.reason = f"the MLflow store {registry.portable_uri(uri)} failed ({_one_line(exc)})"
+        summary = _undecided(d)
+    atomic_write_text(GATE_PATH, json.dumps(asdict(d), indent=2) + "\n")
+    if d.decision == "failed":
         raise GateFailedError(summary)
+    if d.decision == "undecided":
+        raise GateUndecidedError(summary)
     print(summary)
-    return decision
+    return d
+
+
+def _gate(
+    d: Decision,
+    test: TestSplit,
+    info: dict[str, Any],
+    report: dict[str, float],
+    replace_unloadable: bool,
+    uri: str,
+) -> str:
+    if not registry.version_exists(d.model_name, d.candidate_version):
+        raise ProjectError(
+            f"model '{d.model_name}' version {d.candidate_version} (from {RUN_INFO_PATH}) is not "
+            f"in the MLflow store {registry.portable_uri(uri)}: the store changed since "
+            "training; re-run `dvc repro --force train`"
+        )
+    registry.log_test_metrics(str(info["run_id"]), report)  # before any alias moves
+    summary = promote(d, test, replace_unloadable) if quality_gate(d) else failed_summary(d)
+    tags = {"gate": d.decision, "gate_metric": d.metric, "gate_reason": d.reason}
+    try:
+        registry.tag_decision(str(info["run_id"]), d.model_name, d.candidate_version, tags)
+    except Exception as exc:  # the decision stands; only its record failed
+        summary += f" (warning: the decision could not be tagged: {_one_line(exc)})"
+    return summary
 
 
 @cli_errors
@@ -376,8 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"python -m {__package__}.evaluate", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--params", default="params.yaml", help="parameters file (params.yaml)")
+    parser.add_argument(
+        "--replace-unloadable-champion",
+        action="store_true",
+        default=read_replace_env(),
+        help=f"promote even if the champion cannot be loaded or scored (or {REPLACE_ENV}=1)",
+    )
     args = parser.parse_args(argv)
-    evaluate(load_params(args.params))
+    evaluate(load_params(args.params), replace_unloadable=args.replace_unloadable_champion)
     return 0
 
 

@@ -2,10 +2,15 @@
 
 CLI: ``python -m <package>.registry init`` creates the tracking store (run it once, before any
 parallel work: several processes creating a fresh SQLite store at once crash), ``... uri`` prints
-the resolved tracking URI (for ``mlflow ui --backend-store-uri``).
+the resolved tracking URI (for ``mlflow ui --backend-store-uri``), ``... unlock`` removes a
+promotion lock left by an evaluation that was killed.
 
 The registry works with aliases, never with the deprecated stages: ``champion`` is the version to
-serve, ``challenger`` the latest candidate that was not promoted.
+serve, ``challenger`` the latest valid candidate that lost the comparison. Aliases move only
+under the promotion lock (:func:`promotion_lock`), so two evaluations on one tracking server
+(two CI branches) decide one after the other.
+
+Every other module reaches MLflow through this one (and :mod:`.tracking`).
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ import argparse
 import contextlib
 import logging
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ProjectError, cli_errors, get_param, load_params
+from .config import MlflowParams, ProjectError, cli_errors, load_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,19 +40,29 @@ CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
 ARTIFACT_DIR = "mlartifacts"
 _SQLITE = "sqlite:///"
+LOCK_SUFFIX = ".promotion-lock"
+# How long an evaluation waits for another one's promotion (seconds), and the age after which a
+# lock is taken for the leftover of a killed evaluation (then the gate stops and says how to
+# remove it: breaking a lock automatically could let two evaluations in at once).
+LOCK_WAIT_S = 120.0
+LOCK_STALE_S = 600.0
 # What unpickling the model imports (torch, numpy, the package's own imports) plus the
 # pickle module MLflow saves with; `mlflow` itself is added by MLflow.
 _RUNTIME_DISTRIBUTIONS = ("torch", "numpy", "pandas", "cloudpickle", "pyyaml")
 
 
-def tracking_uri(params: dict[str, Any] | None = None) -> str:
+class RegistryError(ProjectError):
+    """The tracking store cannot be reached or refused an operation."""
+
+
+def tracking_uri(params: MlflowParams | None = None) -> str:
     """MLFLOW_TRACKING_URI, else ``mlflow.tracking_uri``; a relative SQLite path made absolute.
 
     An absolute path keeps one store whatever directory a tool runs from (DVC, pytest, the UI).
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
-        uri = str(get_param(params if params is not None else load_params(), "mlflow.tracking_uri"))
+        uri = (params if params is not None else load_params().mlflow).tracking_uri
     if uri.startswith(_SQLITE):
         path = Path(uri.removeprefix(_SQLITE))
         if not path.is_absolute():
@@ -79,13 +96,25 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return (path.parent / ARTIFACT_DIR / experiment).as_uri()
 
 
-def configure(params: dict[str, Any]) -> str:
+def portable_uri(uri: str) -> str:
+    """``uri`` fit for a committed file: a store inside the project relative, no credentials."""
+    path = _sqlite_path(uri)
+    if path is not None:
+        with contextlib.suppress(ValueError):
+            return _SQLITE + path.relative_to(Path.cwd()).as_posix()
+        return uri
+    scheme, sep, rest = uri.partition("://")
+    host, slash, tail = rest.partition("/")
+    return f"{scheme}{sep}{host.rpartition('@')[2]}{slash}{tail}" if sep else uri
+
+
+def configure(params: MlflowParams) -> str:
     """Point MLflow at the project's store and experiment; return the tracking URI."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(params)
-    name = str(get_param(params, "mlflow.experiment"))
+    name = params.experiment
     init_store(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -127,56 +156,90 @@ def pip_requirements() -> list[str]:
     return pins
 
 
-def _package_dir() -> str:
-    """The directory of this package, shipped with the model so unpickling needs no install."""
-    import importlib.util
+# The modules loading the model imports, shipped with it so loading needs no install.
+MODEL_MODULES = ("__init__.py", "config.py", "features.py", "fileio.py", "model.py", "pyfunc.py")
 
-    spec = importlib.util.find_spec(__package__ or __name__.rpartition(".")[0])
+
+def _model_code(folder: Path) -> Path:
+    """A copy of the package's model modules in ``folder/<package>`` (MLflow's code_paths)."""
+    import importlib.util
+    import shutil
+
+    package = __package__ or __name__.rpartition(".")[0]
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"cannot locate the source of package {__package__}")
-    return next(iter(spec.submodule_search_locations))
+        raise RuntimeError(f"cannot locate the source of package {package}")
+    source = Path(next(iter(spec.submodule_search_locations)))
+    target = folder / package
+    target.mkdir(parents=True)
+    for name in MODEL_MODULES:
+        shutil.copy2(source / name, target / name)
+    return target
 
 
 def log_model(model: TabularClassifier, input_example: pd.DataFrame) -> ModelInfo:
-    """Log ``model`` (pytorch flavour, pickle format) with a signature to the active run.
+    """Log ``model`` as a pyfunc (:mod:`.pyfunc`) with a signature, to the active run.
 
-    Pickle rather than MLflow's default pt2 (torch.export): pt2 loads back as a GraphModule
-    without ``predict_proba``/``feature_names``, and pins shapes to the example. The input schema
-    is float64 ("double"): pyfunc rejects float64 data (JSON, pandas) against a float32 schema,
-    while float32 data upcasts safely; the model casts to float32 itself. The output (pyfunc
-    ``predict``) is the logits, one column per class in ``metadata.class_names``.
+    The weights go as the project's ``model.pt`` (no pickle of the network), the model's
+    modules as code; requirements are pinned, never inferred (inference is slow). The input
+    schema has the raw columns' types (the example is ``model.spec.typed``): numbers as float64
+    ("double": pyfunc rejects float64 data (JSON, pandas) against a float32 schema, while
+    float32 data upcasts safely), categories as strings, booleans as booleans. The output:
+    ``label`` and one probability column per class.
     """
     import mlflow
-    import numpy as np
-    import torch
     from mlflow.models import infer_signature
 
-    example = input_example.loc[:, model.feature_names].head(5).astype(np.float64)
+    from .model import predict_frame, save_model
+    from .pyfunc import WEIGHTS, TabularPyfunc
+
+    example = model.spec.typed(input_example).head(5)
     if len(example) < 2:
         # one row would make MLflow and serving tools treat the batch size as fixed
         raise ValueError("log_model needs an input_example with at least 2 rows")
     was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.from_numpy(example.to_numpy(np.float32))).cpu().numpy()
+    output = predict_frame(model.eval(), example)
     model.train(was_training)
-    # Warnings with nothing to act on: pickle is unsafe for untrusted files (this store is the
-    # project's own); pip's version is unknown in uv environments (they have no pip).
-    with _quiet("mlflow.pytorch", "mlflow.utils.environment"):
-        return mlflow.pytorch.log_model(
-            model,
+    # Notes with nothing to act on: pip's version is unknown in uv environments (no pip); the
+    # python_model object is pickled (it holds nothing: the weights are the model.pt artifact).
+    # MLFLOW_LOG_UV_FILES: the model's environment is its pinned requirements; the project's
+    # uv.lock (a development lock, torch's CUDA wheels listed) stays out of it.
+    with (
+        _quiet("mlflow.utils.environment", "mlflow.models.model", "mlflow.pyfunc"),
+        _environ(MLFLOW_LOG_UV_FILES="false"),
+        tempfile.TemporaryDirectory(prefix="model-") as tmp,
+    ):
+        weights = Path(tmp) / WEIGHTS
+        save_model(model, weights)
+        return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            serialization_format="pickle",
-            signature=infer_signature(example, logits),
+            python_model=TabularPyfunc(),
+            artifacts={WEIGHTS: str(weights)},
+            signature=infer_signature(example, output),
             input_example=example,
             pip_requirements=pip_requirements(),
-            code_paths=[_package_dir()],
+            code_paths=[str(_model_code(Path(tmp) / "code"))],
             metadata={
                 "feature_names": list(model.feature_names),
                 "class_names": list(model.class_names),
-                "output": "logits",
+                "output": "label and one probability column per class",
             },
         )
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set MLflow's switches (environment variables) inside the block only."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -191,6 +254,85 @@ def _quiet(*names: str) -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def open_run(
+    run_id: str | None, params: dict[str, str], tags: dict[str, str]
+) -> tuple[str, str, set[int]]:
+    """Start a run, or reopen ``run_id``; return its id, experiment id and the epochs it has."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run = None
+    if run_id:
+        try:
+            run = mlflow.start_run(run_id=run_id)
+        except MlflowException:
+            print(f"note: MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; new run")
+    logged: set[int] = set()
+    if run is None:
+        run = mlflow.start_run()
+        mlflow.log_params(params)
+    else:
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+        logged = {int(m.step) for m in history}
+    mlflow.set_tags(tags)  # again on resume: the device or the commit may have changed
+    return run.info.run_id, run.info.experiment_id, logged
+
+
+def log_epochs(run_id: str, rows: list[dict[str, float]]) -> None:
+    """Per-epoch metrics (``step`` = epoch), batched and asynchronous (off the training loop).
+
+    Queued values that a crash loses are logged again when the run resumes (:func:`open_run`
+    reports the epochs the run has); :func:`end_run` waits for the queue.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = [
+        Metric(key, float(value), now, int(row["epoch"]))
+        for row in rows
+        for key, value in row.items()
+        if key != "epoch"
+    ]
+    client = MlflowClient()
+    for i in range(0, len(values), 1000):  # MLflow's limit per log_batch
+        client.log_batch(run_id, metrics=values[i : i + 1000], synchronous=False)
+
+
+def log_run_outputs(run_id: str, metrics: dict[str, float], *files: Path) -> None:
+    """The run's final metrics (one request) and output files."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client = MlflowClient()
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    for path in files:
+        client.log_artifact(run_id, str(path))
+
+
+def end_run(status: str) -> None:
+    import mlflow
+
+    mlflow.flush_async_logging()
+    mlflow.end_run(status=status)
+
+
+def version_of_run(model_name: str, run_id: str) -> str | None:
+    """The version a run already registered (a retried stage must not register a second)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = MlflowClient().search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    versions = sorted(int(v.version) for v in found)
+    return str(versions[0]) if versions else None
 
 
 def register(model_uri: str, model_name: str, tags: dict[str, Any] | None = None) -> str:
@@ -239,27 +381,172 @@ def set_version_tags(model_name: str, version: str, tags: dict[str, Any]) -> Non
 
 
 def load_version(model_name: str, version: str) -> TabularClassifier:
-    """Load a registered version on the CPU, in eval mode."""
+    """Load a registered version on the CPU, in eval mode: its ``model.pt``, read without pickle.
+
+    Versions logged by earlier releases of this template (MLflow's pytorch flavour) load
+    through ``mlflow.pytorch``. No progress bar or notes: the gate's output is one line.
+    """
     import mlflow
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+    from mlflow.exceptions import MlflowException
+
+    from .model import load_model
+    from .pyfunc import WEIGHTS
 
     # A download folder of our own, removed afterwards: MLflow's default one is never deleted.
-    with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
-        model = mlflow.pytorch.load_model(
-            f"models:/{model_name}/{version}", dst_path=tmp, map_location="cpu"
-        )
-    return model.eval()
+    with (
+        _quiet("mlflow.store.artifact"),
+        _environ(**{MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name: "false"}),
+        tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp,
+    ):
+        root = mlflow.MlflowClient().get_model_version_download_uri(model_name, version)
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{root.rstrip('/')}/artifacts/{WEIGHTS}", dst_path=tmp
+            )
+        except (MlflowException, OSError):
+            if not _is_pytorch_flavour(root):
+                raise
+            return mlflow.pytorch.load_model(root, dst_path=tmp, map_location="cpu").eval()
+        return load_model(path)
+
+
+def _is_pytorch_flavour(root: str) -> bool:
+    import mlflow
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="mlmodel-") as tmp:
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp)
+        flavors = yaml.safe_load(Path(mlmodel).read_text(encoding="utf-8")).get("flavors", {})
+    return "pytorch" in flavors
+
+
+def version_exists(model_name: str, version: str) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_model_version(model_name, version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise
+    return True
+
+
+def log_test_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    """Add the test metrics (``test_*``) to the training run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        run_id, metrics=[Metric(f"test_{k}", v, now, 0) for k, v in metrics.items()]
+    )
+
+
+def tag_decision(run_id: str, model_name: str, version: str, tags: dict[str, str]) -> None:
+    """Record the gate's decision on the training run (``gate``) and on the model version."""
+    from mlflow import MlflowClient
+
+    MlflowClient().set_tag(run_id, "gate", tags["gate"])
+    set_version_tags(model_name, version, tags)
+
+
+def _lock_name(model_name: str) -> str:
+    return f"{model_name}{LOCK_SUFFIX}"
+
+
+@contextlib.contextmanager
+def promotion_lock(
+    model_name: str, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S
+) -> Iterator[None]:
+    """Hold the model's promotion lock: the gate reads, compares and moves aliases inside it.
+
+    MLflow has no compare-and-set for aliases, but creating a registered model is atomic (names
+    are unique in every store): the lock is a registered model ``<name>.promotion-lock`` that
+    exists while an evaluation holds it. A lock that stays longer than ``wait_s`` is an error;
+    one older than ``stale_s`` was left by a killed evaluation: the error says how to remove it.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client, lock = MlflowClient(), _lock_name(model_name)
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"owner": owner, "since": f"{time.time():.3f}"},
+                description=f"held while an evaluation may move the aliases of {model_name}",
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        held = _lock_holder(client, lock)
+        if held is not None and (held[1] > stale_s or time.monotonic() > deadline):
+            holder, age = held
+            raise RegistryError(
+                f"the promotion lock of '{model_name}' is held by {holder} for {age:.0f} s; if "
+                f"no evaluation is running, remove it: python -m {__package__}.registry unlock"
+            )
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
+def _lock_holder(client: Any, lock: str) -> tuple[str, float] | None:
+    """(owner, age in seconds) of a held lock; None if it was released meanwhile."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_registered_model(lock).tags
+    except MlflowException:
+        return None
+    try:
+        age = time.time() - float(tags.get("since", "0"))
+    except ValueError:
+        age = float("inf")
+    return tags.get("owner", "unknown"), age
+
+
+def unlock(model_name: str) -> bool:
+    """Remove a promotion lock left by a killed evaluation; whether there was one."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().delete_registered_model(_lock_name(model_name))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="registry", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "command", choices=["init", "uri"], help="init: create the store; uri: print it"
+        "command",
+        choices=["init", "uri", "unlock"],
+        help="init: create the store; uri: print it; unlock: remove a leftover promotion lock",
     )
     args = parser.parse_args(argv)
-    uri = tracking_uri()
+    params = load_params().mlflow
+    uri = tracking_uri(params)
     if args.command == "init":
         init_store(uri)
+    elif args.command == "unlock":
+        configure(params)
+        removed = unlock(params.model_name)
+        print(f"promotion lock of '{params.model_name}' {'removed' if removed else 'not held'}")
+        return 0
     print(uri)
     return 0
 

@@ -1,7 +1,9 @@
 """Rank 0's record of a training run: the MLflow run, its tags, the stage outputs, registration.
 
 ``mlflow`` is imported only when a run is opened (it costs seconds); the registry's API
-(:mod:`.registry`) does the logging of the model and the registration.
+(:mod:`.registry`) does the logging of the model and the registration. Both are idempotent per
+run: epochs are logged once each, and a run registers one model version however often the
+stage is retried after a crash.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import get_param
-from .data import atomic_write
+from .config import Params
+from .data import TrainData
+from .fileio import atomic_write_text
 from .model import save_model
 
 if TYPE_CHECKING:
     from .distributed import DistContext
-    from .train import FitResult, TrainData
+    from .loop import FitResult
 
 MODEL_PATH = Path("models/model.pt")
 RUN_PATH = Path("models/run.json")
@@ -47,18 +50,6 @@ def git_info() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
-
-
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"train": {"lr": 0.001}}`` -> ``{"train.lr": "0.001"}``: MLflow params are flat strings."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)[:500]
-    return flat
 
 
 def data_tags(data: TrainData) -> dict[str, str]:
@@ -86,38 +77,29 @@ class Tracker:
 
     def __init__(
         self,
-        params: dict[str, Any],
+        params: Params,
         run_id: str | None,
         history: list[dict[str, float]],
         tags: dict[str, str],
     ) -> None:
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
         from . import registry
 
-        self.mlflow = mlflow
-        self.uri = registry.configure(params)
-        run = None
-        if run_id:
-            try:
-                run = mlflow.start_run(run_id=run_id)
-            except MlflowException:
-                print(f"note: MLflow run {run_id} is not in {self.uri}; logging to a new run")
-        if run is None:
-            run = mlflow.start_run()
-            mlflow.log_params(flatten(params))
-            for row in history:  # a resumed run's earlier epochs, so the new run is complete
-                self.log_epoch(int(row["epoch"]), row)
-        mlflow.set_tags(tags)  # again on resume: the device or the commit may have changed
-        self.run_id = run.info.run_id
-        self.experiment_id = run.info.experiment_id
+        self.uri = registry.configure(params.mlflow)
+        self.run_id, self.experiment_id, logged = registry.open_run(run_id, params.flat(), tags)
+        # A resumed checkpoint's epochs that the run lacks: a new run (the old one is gone), or
+        # a crash between the checkpoint and its logging.
+        self.log_epochs([row for row in history if int(row["epoch"]) not in logged])
 
-    def log_epoch(self, epoch: int, row: dict[str, float]) -> None:
-        self.mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+    def log_epochs(self, rows: list[dict[str, float]]) -> None:
+        """Log the history rows of epochs a checkpoint holds, in one request."""
+        from . import registry
+
+        registry.log_epochs(self.run_id, rows)
 
     def end(self, status: str) -> None:
-        self.mlflow.end_run(status=status)
+        from . import registry
+
+        registry.end_run(status)
 
 
 @contextlib.contextmanager
@@ -133,10 +115,6 @@ def ending(tracker: Tracker | None) -> Iterator[None]:
         tracker.end("FINISHED")
 
 
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
-
-
 def write_outputs(result: FitResult, ctx: DistContext) -> dict[str, float]:
     """metrics/train.json (numbers only) and metrics/history.csv; returns the metrics."""
     metrics = {
@@ -148,14 +126,15 @@ def write_outputs(result: FitResult, ctx: DistContext) -> dict[str, float]:
         "final_train_loss": result.history[-1]["train_loss"] if result.history else math.nan,
         "train_samples_per_s": round(result.samples_per_s, 1),
         "train_seconds": round(result.seconds, 3),
+        "loop_samples_per_s": round(result.loop_samples_per_s, 1),
         "world_size": ctx.world_size,
     }
-    _write_text(METRICS_PATH, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(METRICS_PATH, json.dumps(metrics, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(result.history)
-    _write_text(HISTORY_PATH, buffer.getvalue())
+    atomic_write_text(HISTORY_PATH, buffer.getvalue())
     return metrics
 
 
@@ -163,41 +142,43 @@ def publish(
     tracker: Tracker,
     result: FitResult,
     data: TrainData,
-    params: dict[str, Any],
+    params: Params,
     ctx: DistContext,
     amp: str,
 ) -> dict[str, Any]:
-    """Rank 0 after training: save, log and register the model; write the stage's outputs."""
-    import pandas as pd
+    """Rank 0 after training: save, log and register the model; write the stage's outputs.
 
+    A retry after a crash that came after the registration finds this run's version and
+    registers no second one.
+    """
     from . import registry
 
     model = result.model.to("cpu").eval()
     save_model(model, MODEL_PATH)
     metrics = write_outputs(result, ctx)
-    tracker.mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-    tracker.mlflow.log_artifact(str(HISTORY_PATH))
-    example = pd.DataFrame(data.x_val[:5], columns=data.schema.features)
-    info = registry.log_model(model, example)
-    name = str(get_param(params, "mlflow.model_name"))
-    version = registry.register(
-        info.model_uri, name, tags={"run_id": tracker.run_id, **data_tags(data), **git_info()}
-    )
+    registry.log_run_outputs(tracker.run_id, metrics, HISTORY_PATH)
+    name = params.mlflow.model_name
+    version = registry.version_of_run(name, tracker.run_id)
+    if version is None:
+        info = registry.log_model(model, data.example)
+        tags = {"run_id": tracker.run_id, **data_tags(data), **git_info()}
+        version = registry.register(info.model_uri, name, tags=tags)
+    else:
+        print(f"note: run {tracker.run_id} already registered {name} v{version}; reusing it")
     run = {
         "run_id": tracker.run_id,
         "experiment_id": tracker.experiment_id,
-        "tracking_uri": tracker.uri,
+        "tracking_uri": registry.portable_uri(tracker.uri),
         "model_name": name,
         "model_version": version,
         "model_uri": f"models:/{name}/{version}",
-        "logged_model_uri": info.model_uri,
         "device": str(ctx.device),
         "amp": amp,
         "world_size": ctx.world_size,
         "torch": torch.__version__,
         "data_md5": data.md5,
     }
-    _write_text(RUN_PATH, json.dumps(run, indent=2) + "\n")
+    atomic_write_text(RUN_PATH, json.dumps(run, indent=2) + "\n")
     print(
         f"trained {result.epochs_run} epochs (best {result.best_epoch}: val_loss "
         f"{result.best_val_loss:.4f}, val_accuracy {result.best_val_accuracy:.4f}; "
