@@ -290,3 +290,10 @@ def serve(session: nox.Session) -> None:
     """Serve the latest Bento on 127.0.0.1:3000 (`-- --port P --host H`; `--reload`: the source)."""
     env = _serving_env(session)
     run(session, "python", "-m", f"{PACKAGE}.deploy", "serve", *session.posargs, env=env)
+
+
+@nox.session
+def predict(session: nox.Session) -> None:
+    """Batch scoring: -- --input FILE --output FILE [--version N | --alias A] (see predict.py)."""
+    env = project_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.predict", *session.posargs, env=env)

@@ -145,9 +145,7 @@ def _column(series: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return _parsed(series.tolist(), number_value if kind == NUMERIC else boolean_value)
 
 
-def _columns(frame: pd.DataFrame, kinds: Mapping[str, str]) -> dict[str, np.ndarray]:
-    """:func:`_column` of each feature, by name; errors name missing columns and wrong values."""
-    names = list(kinds)
+def _check_present(frame: pd.DataFrame, names: list[str]) -> None:
     absent = [name for name in names if name not in frame.columns]
     if absent:
         raise ModelInputError(
@@ -155,6 +153,12 @@ def _columns(frame: pd.DataFrame, kinds: Mapping[str, str]) -> dict[str, np.ndar
             f"{', '.join(absent)}. Provide every column in model.feature_names "
             "(extra columns are ignored)."
         )
+
+
+def _columns(frame: pd.DataFrame, kinds: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """:func:`_column` of each feature, by name; errors name missing columns and wrong values."""
+    names = list(kinds)
+    _check_present(frame, names)
     columns: dict[str, np.ndarray] = {}
     problems: dict[str, list[str]] = {NUMERIC: [], BOOLEAN: []}
     for name in names:
@@ -172,6 +176,14 @@ def _columns(frame: pd.DataFrame, kinds: Mapping[str, str]) -> dict[str, np.ndar
         ]
         raise ModelInputError(". ".join(found))
     return columns
+
+
+def _columns_lenient(
+    frame: pd.DataFrame, kinds: Mapping[str, str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """:func:`_column` of each feature with its mask of wrong values (missing columns raise)."""
+    _check_present(frame, list(kinds))
+    return {name: _column(frame[name], kind) for name, kind in kinds.items()}
 
 
 def typed(frame: pd.DataFrame, kinds: Mapping[str, str]) -> pd.DataFrame:
@@ -285,6 +297,23 @@ class FeatureSpec:
             codes = {label: i + 1 for i, label in enumerate(self.categories[name])}
             encoded.append(np.array([codes.get(v, 0) for v in columns[name]], dtype=np.float32))
         return np.stack(encoded, axis=1)
+
+    def row_errors(self, frame: pd.DataFrame) -> np.ndarray:
+        """Why each row cannot be encoded: an object array of reasons, None for a good row.
+
+        For the rows of a frame :meth:`encode` refused (batch scoring rejects those rows and
+        scores the others). Missing columns concern every row: they raise ModelInputError.
+        """
+        columns = _columns_lenient(frame, self.kinds)
+        reasons: list[list[str]] = [[] for _ in range(len(frame))]
+        for name, (values, bad) in columns.items():
+            for i in np.flatnonzero(bad):
+                value = frame[name].iloc[i]
+                reasons[i].append(f"{name}: {value!r} is not {self.kinds[name]}")
+            if self.missing != IMPUTE:
+                for i in np.flatnonzero(pd.isna(values) & ~bad):
+                    reasons[i].append(f"{name}: missing value")
+        return np.array(["; ".join(r) if r else None for r in reasons], dtype=object)
 
     def to_config(self) -> dict[str, Any]:
         """Plain lists and dicts (``torch.load(weights_only=True)`` reads them)."""

@@ -217,5 +217,6 @@ def predict_frame(model: TabularClassifier, frame: pd.DataFrame) -> pd.DataFrame
 
     proba = model.predict_proba_frame(frame).cpu().numpy().astype("float64")
     out = pd.DataFrame(proba, columns=model.class_names, index=frame.index)
-    out.insert(0, "label", [model.class_names[i] for i in proba.argmax(axis=1)])
+    labels = np.asarray(model.class_names, dtype=object)  # a take, not a Python loop a row
+    out.insert(0, "label", labels[proba.argmax(axis=1)])
     return out
