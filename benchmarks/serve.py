@@ -15,10 +15,11 @@ seconds each after a short warm-up:
   same JSON contract through the same schema and ``predict_frame`` (no token, no log).
 
 Reported per server and load point: req/s, rows/s, p50/p99 latency, non-2xx answers (and socket
-errors), and the seconds from start to ``/readyz`` answering 200; ``ratio`` is BentoML's req/s
-over FastAPI's. With ``--reps`` > 1 the servers alternate and medians are reported. A table on
-stdout, everything in JSON (``--json``). Absolute figures depend on the machine and whatever else
-runs on it (its load average is recorded); compare within one run.
+errors), and the seconds from start to ``/readyz`` answering 200; ``ratio`` is BentoML's req/s over
+FastAPI's; ``logged_rows``: the lines the prediction log wrote (warm-up included). With ``--reps``
+> 1 the servers alternate and medians are reported. A table on stdout, everything in JSON
+(``--json``). Absolute figures depend on the machine and whatever else runs on it (its load average
+is recorded); compare within one run.
 """
 
 from __future__ import annotations
