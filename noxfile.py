@@ -92,3 +92,10 @@ def demo(session: nox.Session) -> None:
     with session.chdir(DEMO):
         session.run("nox", "-s", "install", "lint", "test", "train", env=env)
     session.log(f"demo project ready in {DEMO.relative_to(ROOT)}: cd there and try `nox -l`")
+
+
+@nox.session(name="bench-serve", python=PYTHON, default=False)
+def bench_serve(session: nox.Session) -> None:
+    """Serving speed: the generated BentoML service beside FastAPI under wrk (minutes; `-- -h`)."""
+    _install(session)
+    session.run("python", str(ROOT / "benchmarks" / "serve.py"), *session.posargs, env=_test_env())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 
@@ -10,7 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from my_ml_project.features import FeatureSpec
 from my_ml_project.predlog import PredictionLog
-from my_ml_project.serving import ServeSettings, rows_type
+from my_ml_project.serving import Batcher, ServeSettings, rows_type
 
 SPEC = FeatureSpec.build(
     ["size", "member", "plan"],
@@ -98,3 +99,35 @@ def test_log_is_bounded(tmp_path) -> None:
     log.close()
     assert log.dropped == 3
     assert len(next(tmp_path.rglob("*.jsonl")).read_text().splitlines()) == 2
+
+
+def _scorer(calls: list[list]) -> object:
+    def score(records: list) -> tuple[list, list]:
+        calls.append(list(records))
+        if "bad" in records:
+            raise ValueError("bad row")
+        return [f"label-{r}" for r in records], [[r] for r in records]
+
+    return score
+
+
+async def _gather(batcher: Batcher, requests: list[list]) -> list:
+    return await asyncio.gather(*(batcher(r) for r in requests), return_exceptions=True)
+
+
+def test_batcher_scores_concurrent_requests_together_in_order() -> None:
+    calls: list[list] = []
+    answers = asyncio.run(_gather(Batcher(_scorer(calls)), [[1], [2, 3], [4]]))
+    assert calls == [[1, 2, 3, 4]]
+    assert answers[1] == (["label-2", "label-3"], [[2], [3]])
+    assert answers[2] == (["label-4"], [[4]])
+
+
+def test_batcher_bounds_a_call_and_fails_only_the_bad_request() -> None:
+    calls: list[list] = []
+    batcher = Batcher(_scorer(calls), max_rows=2)
+    answers = asyncio.run(_gather(batcher, [[1], ["bad"], [2, 3], [4]]))
+    assert all(len(call) <= 2 for call in calls)
+    assert isinstance(answers[1], ValueError)
+    labels = [a[0] for a in (answers[0], answers[2], answers[3])]
+    assert labels == [["label-1"], ["label-2", "label-3"], ["label-4"]]

@@ -9,10 +9,11 @@ non-finite numbers refused. ``null`` is accepted only for a model trained with
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -131,3 +132,72 @@ async def _reply(send: Any, status: int, reason: str) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+Scores = tuple[list[Any], list[Any]]  # labels and probability rows, in row order
+
+
+class Batcher:
+    """Scores the rows of concurrent requests in one model call (one worker, one event loop).
+
+    A request queues its rows and awaits its share of the answer. One task scores what is queued:
+    it first yields to the event loop ``yields`` times so that requests already received join,
+    then calls ``score`` once on up to ``max_rows`` rows, and repeats while rows wait. A lone
+    request is scored at once. When a combined call fails, each request of it is scored alone, so
+    a bad request fails alone. Measured: the model call costs about the same for 1 or 32 rows.
+    """
+
+    def __init__(
+        self, score: Callable[[list[Any]], Scores], max_rows: int = 1000, yields: int = 2
+    ) -> None:
+        self.score, self.max_rows, self.yields = score, max_rows, yields
+        self._pending: list[tuple[Sequence[Any], asyncio.Future]] = []
+        self._task: asyncio.Task | None = None
+
+    async def __call__(self, records: Sequence[Any]) -> Scores:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._pending.append((records, future))
+        if self._task is None:
+            self._task = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                for _ in range(self.yields):
+                    await asyncio.sleep(0)
+                batch, size = [], 0
+                while self._pending and (
+                    not batch or size + len(self._pending[0][0]) <= self.max_rows
+                ):
+                    batch.append(self._pending.pop(0))
+                    size += len(batch[-1][0])
+                self._run(batch)
+        finally:
+            self._task = None
+
+    def _run(self, batch: list[tuple[Sequence[Any], asyncio.Future]]) -> None:
+        if len(batch) > 1:
+            try:
+                labels, proba = self.score([row for records, _ in batch for row in records])
+            except Exception:
+                for item in batch:
+                    self._run([item])
+                return
+            start = 0
+            for records, future in batch:
+                end = start + len(records)
+                if not future.done():
+                    future.set_result((labels[start:end], proba[start:end]))
+                start = end
+            return
+        records, future = batch[0]
+        try:
+            result = self.score(list(records))
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(result)
