@@ -6,6 +6,8 @@ stopped by the last test with SIGTERM, as a supervisor would.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +54,28 @@ def call(
         return status, json.loads(text), head
     except ValueError:
         return status, {"text": text.decode(errors="replace")}, head
+
+
+def oversized(url: str, size: int) -> int:
+    """The status of a POST that announces ``size`` bytes: the guard answers from the header.
+
+    Only the start of the body is sent: a server that answers before reading it all (as it
+    should) may close the connection while a client still writes, a broken pipe that says
+    nothing about the server.
+    """
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.putrequest("POST", "/predict")
+        headers = {**AUTH, "Content-Type": "application/json", "Content-Length": str(size)}
+        for key, value in headers.items():
+            connection.putheader(key, value)
+        connection.endheaders()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            connection.send(b"[" * 65536)
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def predict(server: Server, rows: list, headers: dict | None = None) -> tuple[int, dict, dict]:
@@ -187,7 +212,7 @@ def test_bad_bodies_get_a_4xx_and_the_server_keeps_serving(server, test_rows) ->
     assert predict(server, [])[0] == 400
     assert predict(server, rows[:1] * 201)[0] == 400  # SERVE_MAX_ROWS=200
     assert call(f"{server.url}/predict", b"not json", AUTH)[0] == 400
-    assert call(f"{server.url}/predict", b"[" * (2 << 20), AUTH)[0] == 413
+    assert oversized(server.url, 2 << 20) == 413
     assert predict(server, rows[:2])[0] == 200
 
 
