@@ -92,7 +92,7 @@ def test_racing_evaluations_decide_one_after_the_other(pristine: Project, tmp_pa
     assert scores[champion] == max(scores.values()), (gates, champion)
 
 
-def _declared(project: Project, stage: dict, params: dict) -> set[str]:
+def _declared(stage: dict, params: dict) -> set[str]:
     deps = set()
     for dep in stage.get("deps", []):
         deps.add(dep.replace("${data.raw_path}", params["data"]["raw_path"]))
@@ -128,7 +128,7 @@ def test_every_stage_declares_what_it_imports_and_reads(pristine: Project, tmp_p
             project.py(*args)
         outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
         used = {_source(p) for p in read.paths} - outs - set(NOT_DEPENDENCIES)
-        missing = sorted(used - _declared(project, stage, params))
+        missing = sorted(used - _declared(stage, params))
         if missing:
             undeclared[name] = missing
     assert not undeclared, f"stages read files their deps in dvc.yaml do not list: {undeclared}"

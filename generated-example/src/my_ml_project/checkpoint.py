@@ -1,8 +1,9 @@
 """Training checkpoints: their format, the fingerprint that guards resume, and the RNG state.
 
 A checkpoint is a plain dict that ``torch.load(weights_only=True)`` accepts. Rank 0 rewrites it
-atomically after every epoch, so a crash leaves the last whole epoch; a resumed run repeats an
-uninterrupted one exactly because every rank's generator state is saved with it.
+atomically every ``train.checkpoint_every`` epochs and after the last, so a crash leaves the last
+checkpointed epoch; a resumed run repeats an uninterrupted one exactly because every rank's
+generator state is saved with it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 2
 # train.* knobs that do not change what is computed: a checkpoint stays resumable across them.
 NOT_FINGERPRINTED = ("resume", "device", "checkpoint_dir", "checkpoint_every")
-RESUME_MODES = ("auto", "always", "never")
 
 
 def source_digest() -> str:
