@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from helpers import ROOT
 
 # (answers, question refused, words of its message)
 INVALID: list[tuple[dict[str, Any], str, str]] = [
@@ -16,6 +18,7 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"package_name": "Bad"}, "package_name", 'Package name "Bad" is invalid'),
     ({"package_name": "class"}, "package_name", "is a Python keyword"),
     ({"package_name": "torch"}, "package_name", "would shadow a package"),
+    ({"description": "two\nlines"}, "description", "must be one line"),
     ({"author_name": " "}, "author_name", "must not be empty"),
     ({"author_email": "nope"}, "author_email", '"nope" is not a valid e-mail address'),
     ({"author_email": "a@b"}, "author_email", '"a@b" is not a valid e-mail address'),
@@ -35,6 +38,7 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
 INVALID_CHOICES: list[tuple[dict[str, Any], str, str]] = [
     ({"python_version": "3.9"}, "python_version", "'3.9' is not in"),
     ({"accelerator": "tpu"}, "accelerator", "'tpu' is not in"),
+    ({"license": "GPL-3.0"}, "license", "'GPL-3.0' is not in"),
     ({"ci_providers": ["github", "circle"]}, "ci_providers", "'circle' is not in"),
 ]
 VALID: list[dict[str, Any]] = [
@@ -50,6 +54,8 @@ VALID: list[dict[str, Any]] = [
     {"package_name": "_private2", "project_name": "Proj.v2_beta"},
     {"accelerator": "cuda", "cuda_version": "cu130", "python_version": "3.12"},
     {"ci_providers": []},
+    {"description": ""},
+    *({"license": license} for license in ("MIT", "Apache-2.0", "BSD-3-Clause", "proprietary")),
 ]
 
 
@@ -78,3 +84,18 @@ def test_choice_refused(render_project, answers, question, message) -> None:
 @pytest.mark.parametrize("answers", VALID, ids=[repr(a) for a in VALID])
 def test_valid_answers_pass(render_project, answers) -> None:
     render_project(pretend=True, **answers)
+
+
+def test_every_question_has_an_invalid_answer_row() -> None:
+    """Each question a user answers can be answered wrongly, and the tables above show how."""
+    questions = yaml.safe_load((ROOT / "copier.yml").read_text(encoding="utf-8"))
+    asked = {
+        q
+        for q, spec in questions.items()
+        if not q.startswith("_") and spec.get("when") is not False
+    }
+    refused = {question for _, question, _ in INVALID + INVALID_CHOICES}
+    assert asked == refused
+    for question in asked:
+        spec = questions[question]
+        assert "validator" in spec or "choices" in spec, question
