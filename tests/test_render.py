@@ -35,14 +35,23 @@ ANSWER_SETS: dict[str, dict[str, Any]] = {
         "ci_providers": [],
         "accelerator": "cpu",
         "description": "",
+        "license": "proprietary",
         "dvc_remote": "s3://bucket/dvc",
         "mlflow_tracking_uri": "http://127.0.0.1:5000",
     },
     **{f"ci-{provider}": {"ci_providers": [provider]} for provider in CI_PROVIDERS},
     "cpu": {"accelerator": "cpu"},
     "cuda": {"accelerator": "cuda", "cuda_version": "cu126"},
-    "fancy-name": {"project_name": "My Fancy-Project 2", "dvc_remote": "~/dvc-storage"},
-    "python-3.13": {"python_version": "3.13", "dvc_remote": "/srv/dvc-storage"},
+    "fancy-name": {
+        "project_name": "My Fancy-Project 2",
+        "dvc_remote": "~/dvc-storage",
+        "license": "Apache-2.0",
+    },
+    "python-3.13": {
+        "python_version": "3.13",
+        "dvc_remote": "/srv/dvc-storage",
+        "license": "BSD-3-Clause",
+    },
 }
 # Leftover Jinja: a tag, or an expression naming a question or copier's own variables.
 # (GitHub's `${{ ... }}` and Python's `{{` in f-strings are not Jinja.)
@@ -170,7 +179,8 @@ def test_pyproject_fits_answers(project: Project) -> None:
     pyproject = project.toml("pyproject.toml")
     python = project.answers["python_version"]
     assert pyproject["project"]["requires-python"] == f">={python}"
-    assert pyproject["tool"]["ruff"]["target-version"] == "py" + python.replace(".", "")
+    assert "target-version" not in pyproject["tool"]["ruff"]  # ruff reads requires-python
+    assert pyproject["tool"]["mypy"]["python_version"] == python
     # One portable lock whatever the accelerator: torch from PyPI (an extra), its build picked
     # at install time by the noxfile (tests/test_lock.py), never by a PyTorch index here.
     assert "sources" not in pyproject.get("tool", {}).get("uv", {})
@@ -254,3 +264,45 @@ def check_jenkins(project: Project) -> None:
     assert f"-python{project.answers['python_version']}-" in text
     assert "UV_TORCH_BACKEND = 'cpu'" in text
     assert "nox -s lint test" in text
+
+
+# The first line of each license text, and the SPDX expression pyproject.toml carries (PEP 639).
+LICENSES = {
+    "MIT": ("MIT License", "MIT"),
+    "Apache-2.0": ("Apache License", "Apache-2.0"),
+    "BSD-3-Clause": ("BSD 3-Clause License", "BSD-3-Clause"),
+    "proprietary": ("Copyright (c) {author}. All rights reserved.", "LicenseRef-Proprietary"),
+}
+
+
+def test_license_fits_answer(project: Project) -> None:
+    heading, spdx = LICENSES[project.answers["license"]]
+    text = project.read("LICENSE")
+    assert text.splitlines()[0].strip() == heading.format(author=project.answers["author_name"])
+    assert project.answers["author_name"] in text or project.answers["license"] == "Apache-2.0"
+    assert text.endswith("\n")
+    assert not text.endswith("\n\n")
+    pyproject = project.toml("pyproject.toml")["project"]
+    assert (pyproject["license"], pyproject["license-files"]) == (spdx, ["LICENSE"])
+    # PEP 639: no license classifier beside an SPDX expression.
+    assert not [c for c in pyproject["classifiers"] if c.startswith("License ::")]
+
+
+def test_pre_commit_hooks_fit_ci_providers(project: Project) -> None:
+    config = project.yaml(".pre-commit-config.yaml")
+    hooks = {hook["id"] for repo in config["repos"] for hook in repo["hooks"]}
+    assert {"ruff-check", "ruff-format", "check-yaml", "check-toml"} <= hooks
+    assert {"check-added-large-files", "detect-secrets"} <= hooks
+    (secrets,) = [h for r in config["repos"] for h in r["hooks"] if h["id"] == "detect-secrets"]
+    assert secrets["args"] == ["--baseline", ".secrets.baseline"]
+    assert json.loads(project.read(".secrets.baseline"))["results"] == {}
+    providers = project.answers["ci_providers"]
+    github = {"zizmor", "actionlint", "check-github-workflows", "check-dependabot"}
+    assert (github <= hooks) == ("github" in providers)
+    assert not (github & hooks) or "github" in providers
+    assert ("check-gitlab-ci" in hooks) == ("gitlab" in providers)
+    dependabot = project.path / ".github" / "dependabot.yml"
+    assert dependabot.exists() == ("github" in providers)
+    if dependabot.exists():
+        updates = project.yaml(".github/dependabot.yml")["updates"]
+        assert {u["package-ecosystem"] for u in updates} == {"github-actions", "uv"}
