@@ -1,3 +1,7 @@
+#!/usr/bin/env -S uv run --script
+# /// script
+# dependencies = ["nox>=2025.2.9"]
+# ///
 """Every command of the project, once. The Makefile and the CI pipelines only call these sessions.
 
 All sessions share ONE environment (``.venv``, or ``$UV_PROJECT_ENVIRONMENT``): what
@@ -27,7 +31,6 @@ from packaging.utils import parse_wheel_filename
 
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "none"
-nox.options.sessions = ["lint", "test"]
 
 ROOT = Path(__file__).parent.resolve()
 PACKAGE = "my_ml_project"
@@ -168,13 +171,13 @@ def run(
     return session.run(program, *args[1:], env={**env, **active}, external=True, **kwargs)
 
 
-@nox.session
+@nox.session(default=False)
 def lock(session: nox.Session) -> None:
     """Lock the dependencies into uv.lock (`-- --upgrade` moves them all forward); commit it."""
     _lock(session, *session.posargs)
 
 
-@nox.session
+@nox.session(default=False)
 def install(session: nox.Session) -> None:
     """Create or update the environment every session shares: uv.lock, this machine's torch."""
     env = project_env(session, compile=True)
@@ -187,10 +190,11 @@ def install(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Check code style and formatting with ruff."""
+    """Check code style and formatting with ruff, and types in src/ with mypy."""
     env = project_env(session)
     run(session, "ruff", "check", ".", env=env)
     run(session, "ruff", "format", "--check", ".", env=env)
+    run(session, "mypy", env=env)  # the files and settings: pyproject.toml's [tool.mypy]
 
 
 @nox.session
@@ -200,7 +204,7 @@ def test(session: nox.Session) -> None:
     run(session, "pytest", *session.posargs, env=env)
 
 
-@nox.session
+@nox.session(default=False)
 def train(session: nox.Session) -> None:
     """Run the DVC pipeline (prepare -> train -> evaluate); only changed stages re-run."""
     env = project_env(session)
@@ -223,7 +227,7 @@ def _show_metrics(session: nox.Session) -> None:
         session.log(f"gate: {decision['decision']} ({decision['reason']})")
 
 
-@nox.session
+@nox.session(default=False)
 def evaluate(session: nox.Session) -> None:
     """Re-run the evaluation stage only (metrics, plots and the promotion gate).
 
@@ -239,7 +243,7 @@ def evaluate(session: nox.Session) -> None:
     run(session, "dvc", "repro", "--force", "--single-item", "evaluate", env=env)
 
 
-@nox.session(name="mlflow-ui")
+@nox.session(name="mlflow-ui", default=False)
 def mlflow_ui(session: nox.Session) -> None:
     """Start the MLflow UI for the project's tracking store on http://127.0.0.1:5000."""
     env = project_env(session)
@@ -259,13 +263,13 @@ def mlflow_ui(session: nox.Session) -> None:
     )
 
 
-@nox.session
+@nox.session(default=False)
 def push(session: nox.Session) -> None:
     """Push data and models to the DVC remote."""
     run(session, "dvc", "push", *session.posargs, env=project_env(session))
 
 
-@nox.session
+@nox.session(default=False)
 def pull(session: nox.Session) -> None:
     """Pull data and models from the DVC remote."""
     run(session, "dvc", "pull", *session.posargs, env=project_env(session))
@@ -278,22 +282,26 @@ def _serving_env(session: nox.Session) -> dict[str, str | None]:
             "BENTOML_DO_NOT_TRACK": "true"}  # fmt: skip
 
 
-@nox.session
+@nox.session(default=False)
 def deploy(session: nox.Session) -> None:
     """Build a Bento (`-- --version N | --alias A`, default champion; `--containerize`)."""
     env = _serving_env(session)
     run(session, "python", "-m", f"{PACKAGE}.deploy", "deploy", *session.posargs, env=env)
 
 
-@nox.session
+@nox.session(default=False)
 def serve(session: nox.Session) -> None:
     """Serve the latest Bento on 127.0.0.1:3000 (`-- --port P --host H`; `--reload`: the source)."""
     env = _serving_env(session)
     run(session, "python", "-m", f"{PACKAGE}.deploy", "serve", *session.posargs, env=env)
 
 
-@nox.session
+@nox.session(default=False)
 def predict(session: nox.Session) -> None:
     """Batch scoring: -- --input FILE --output FILE [--version N | --alias A] (see predict.py)."""
     env = project_env(session)
     run(session, "python", "-m", f"{PACKAGE}.predict", *session.posargs, env=env)
+
+
+if __name__ == "__main__":
+    nox.main()

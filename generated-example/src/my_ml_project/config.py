@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -187,7 +188,7 @@ def _where(loc: tuple[Any, ...]) -> str:
     return text
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     """One line for one pydantic error: the key, the value found, and what is valid."""
     key, kind = _where(error["loc"]), error["type"]
     if kind == "missing":

@@ -15,6 +15,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +351,7 @@ def prepare(params: Params) -> Schema:
         missing=data.missing,
     )
     for name, part in parts.items():
-        atomic_write(out_dir / f"{name}.parquet", lambda fh, p=part: p.to_parquet(fh, index=False))
+        atomic_write(out_dir / f"{name}.parquet", partial(part.to_parquet, index=False))
     rows = {name: len(part) for name, part in parts.items()}
     schema.save(
         out_dir / SCHEMA_FILE,

@@ -80,7 +80,8 @@ def resolve_device(
         if not torch.cuda.is_available():
             raise ProjectError(f"{source} is {requested!r} but {_cuda_reason()}. Fix: {CUDA_FIX}")
         device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        # From the name: torch's stubs type device.index as int, though it is None for cuda.
+        if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
             raise ProjectError(
                 f"{source} is {requested!r} but only {torch.cuda.device_count()} GPU(s) are "
                 "visible: use a smaller index, or cuda"

@@ -250,16 +250,16 @@ class FeatureSpec:
         kinds = (
             {n: NUMERIC for n in names} if kinds is None else {str(k): v for k, v in kinds.items()}
         )
-        categories = {str(k): tuple(str(v) for v in vs) for k, vs in (categories or {}).items()}
+        vocabularies = {str(k): tuple(str(v) for v in vs) for k, vs in (categories or {}).items()}
         if len(set(names)) != len(names) or set(kinds) != set(names):
             raise ValueError(f"kinds {sorted(kinds)} must name each feature {list(names)} once")
         odd = sorted({v for v in kinds.values() if v not in KINDS})
         if odd:
             raise ValueError(f"unknown kinds {odd}: use {', '.join(KINDS)}")
         expected = {n for n in names if kinds[n] == CATEGORICAL}
-        if set(categories) != expected:
-            raise ValueError(f"categories {sorted(categories)} must list {sorted(expected)}")
-        return cls(names, {n: kinds[n] for n in names}, categories, str(missing))
+        if set(vocabularies) != expected:
+            raise ValueError(f"categories {sorted(vocabularies)} must list {sorted(expected)}")
+        return cls(names, {n: kinds[n] for n in names}, vocabularies, str(missing))
 
     @property
     def numeric(self) -> list[str]:

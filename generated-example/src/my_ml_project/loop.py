@@ -148,7 +148,7 @@ class _Progress:
 
 def _wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP without re-syncing buffers each step: mean/std never change after the first sync."""
-    no_sync = (
+    no_sync: dict[str, Any] = (
         {"forward_sync_buffers": False}  # newer PyTorch; broadcast_buffers is deprecated
         if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
         else {"broadcast_buffers": False}

@@ -83,15 +83,16 @@ class TabularClassifier(nn.Module):
         self.register_buffer(
             "fill", mean.clone() if fill is None else _vector(fill, n_numeric, 0.0)
         )
-        self.embeddings = nn.ModuleList(
+        embeddings = [
             nn.Embedding(len(labels) + 1, embedding_size(len(labels) + 1))
             for labels in (self.spec.categories[name] for name in self.spec.categorical)
-        )
+        ]
         with torch.no_grad():
-            for embedding in self.embeddings:
+            for embedding in embeddings:
                 embedding.weight[0].zero_()
+        self.embeddings = nn.ModuleList(embeddings)
         layers: list[nn.Module] = []
-        width = n_numeric + sum(e.embedding_dim for e in self.embeddings)
+        width = n_numeric + sum(e.embedding_dim for e in embeddings)
         for size in self.hidden_sizes:
             layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(self.dropout)]
             width = size

@@ -243,6 +243,7 @@ def score_file(
             raise
         out.close(empty)
         if not counts.rejected:
+            assert rejected_empty is not None  # set with `empty`, whose absence raised above
             pd.DataFrame(columns=rejected_empty.columns).to_csv(tmp_rej, index=False)
     return counts
 

@@ -63,7 +63,11 @@ class PredictionLog:
         for ts, request_id, version, rows, answers in batch:
             lines = by_day.setdefault(ts[:10], [])
             for row, answer in zip(rows, answers, strict=True):
-                record = {"ts": ts, "request_id": request_id, "model_version": version}
+                record: dict[str, Any] = {
+                    "ts": ts,
+                    "request_id": request_id,
+                    "model_version": version,
+                }
                 record |= {"inputs": _plain(row), **answer}
                 lines.append(json.dumps(record, allow_nan=False))
         for day, lines in by_day.items():

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow.pyfunc
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from .model import TabularClassifier, load_model, predict_frame
 
 WEIGHTS = "model.pt"  # the artifact key and file name inside the logged model
 
 
-class TabularPyfunc(mlflow.pyfunc.PythonModel):
+class TabularPyfunc(PythonModel):
     """What MLflow stores and loads; the network itself is read from the ``model.pt`` artifact."""
 
     model: TabularClassifier

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bentoml
 import pandas as pd
@@ -45,7 +45,10 @@ CONFIG = STORED.info.metadata["config"]
 SPEC = FeatureSpec.build(
     CONFIG["feature_names"], CONFIG["kinds"], CONFIG["categories"], CONFIG["missing"]
 )
-Rows = rows_type(SPEC, SETTINGS.max_rows)
+if TYPE_CHECKING:  # for mypy: the rows' pydantic model is made at run time, from the schema
+    Rows = list[Any]
+else:
+    Rows = rows_type(SPEC, SETTINGS.max_rows)
 
 
 @bentoml.service(
@@ -84,7 +87,7 @@ class Predictor:
         return out["label"].tolist(), out[self.model.class_names].to_numpy().tolist()
 
     @bentoml.api
-    async def predict(self, rows: Rows, ctx: bentoml.Context) -> dict[str, Any]:  # type: ignore[valid-type]
+    async def predict(self, rows: Rows, ctx: bentoml.Context) -> dict[str, Any]:
         """Label and class probabilities of each row, in order."""
         labels, proba = await self.batcher([row.model_dump() for row in rows])
         answers = predictions(labels, proba, self.model.class_names)
@@ -100,4 +103,5 @@ class Predictor:
             self.log.close()
 
 
-Predictor.add_asgi_middleware(Guard, token=SETTINGS.token, max_body_bytes=SETTINGS.max_body_bytes)
+# bentoml.service returns a Service, which its type hints give as the decorated class.
+Predictor.add_asgi_middleware(Guard, token=SETTINGS.token, max_body_bytes=SETTINGS.max_body_bytes)  # type: ignore[attr-defined]

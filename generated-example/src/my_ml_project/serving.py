@@ -90,7 +90,9 @@ def row_model(spec: FeatureSpec) -> type[BaseModel]:
 
 def rows_type(spec: FeatureSpec, max_rows: int) -> Any:
     """The type of the ``rows`` field: 1 to ``max_rows`` rows."""
-    return Annotated[list[row_model(spec)], Field(min_length=1, max_length=max_rows)]
+    row = row_model(spec)
+    # A model made at run time, which no static type describes.
+    return Annotated[list[row], Field(min_length=1, max_length=max_rows)]  # type: ignore[valid-type]
 
 
 def predictions(labels: list[str], proba: list[list[float]], classes: list[str]) -> list[dict]:
@@ -167,7 +169,8 @@ class Batcher:
             while self._pending:
                 for _ in range(self.yields):
                     await asyncio.sleep(0)
-                batch, size = [], 0
+                batch: list[tuple[Sequence[Any], asyncio.Future]] = []
+                size = 0
                 while self._pending and (
                     not batch or size + len(self._pending[0][0]) <= self.max_rows
                 ):
