@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,47 @@ def test_every_question_has_an_invalid_answer_row() -> None:
     for question in asked:
         spec = questions[question]
         assert "validator" in spec or "choices" in spec, question
+
+
+ANSWERS_FILE = """\
+project_name: Fraud Scorer
+author_name: Ada O'Neil
+license: Apache-2.0
+python_version: "3.12"
+ci_providers: [github]
+dvc_remote: s3://ml-bucket/fraud-scorer
+"""
+
+
+def _copier(*args: str | Path) -> subprocess.CompletedProcess:
+    """The copier CLI as a user runs it: no prompt (no terminal), tasks skipped."""
+    cli = [sys.executable, "-m", "copier", "copy", "--trust", "--skip-tasks", "--defaults"]
+    return subprocess.run(
+        [*cli, "--vcs-ref", "HEAD", *map(str, args)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def test_answers_file_renders_without_prompts(tmp_path: Path) -> None:
+    (tmp_path / "answers.yml").write_text(ANSWERS_FILE)
+    dst = tmp_path / "fraud-scorer"
+    result = _copier("--data-file", tmp_path / "answers.yml", ROOT, dst)
+    assert result.returncode == 0, result.stderr
+    recorded = yaml.safe_load((dst / ".copier-answers.yml").read_text())
+    assert recorded | yaml.safe_load(ANSWERS_FILE) == recorded  # every answer, as given
+    assert recorded["package_name"] == "fraud_scorer"  # the rest: defaults, derived
+    assert (dst / "src" / "fraud_scorer").is_dir()
+
+
+def test_a_wrong_answer_in_a_file_is_refused_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "answers.yml").write_text(ANSWERS_FILE + "dvc_remote: ftp://x\n")
+    result = _copier("--data-file", tmp_path / "answers.yml", ROOT, tmp_path / "p")
+    assert result.returncode != 0
+    # Copier's CLI prints its traceback above; the last line is the validator's reason.
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: Validation error for question 'dvc_remote'")
+    assert 'DVC remote "ftp://x" is not supported: use s3://' in last
+    assert not (tmp_path / "p").exists()
