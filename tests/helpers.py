@@ -104,6 +104,37 @@ def render_example(dst: Path) -> Path:
     return dst
 
 
+def parse_structured(top: Path) -> int:
+    """Parse every YAML, TOML and JSON file under ``top`` (an error names the file); the count."""
+    import configparser
+    import json
+    import tomllib
+
+    import yaml
+
+    parsers = {
+        ".yml": yaml.safe_load,
+        ".yaml": yaml.safe_load,
+        ".dvc": yaml.safe_load,
+        ".toml": tomllib.loads,
+        ".json": json.loads,
+        ".baseline": json.loads,
+        "config": configparser.ConfigParser().read_string,  # .dvc/config: INI
+    }
+    parsed = 0
+    for rel in sorted(tree_files(top)):
+        path = top / rel
+        parse = parsers.get(path.suffix or path.name)
+        if parse is None or (path.name == "config" and path.parent.name != ".dvc"):
+            continue
+        try:
+            parse(path.read_text(encoding="utf-8"))
+        except Exception as exc:
+            raise AssertionError(f"{path}: {exc}") from exc
+        parsed += 1
+    return parsed
+
+
 def tree_files(top: Path) -> set[str]:
     """Relative paths of the files under ``top``, minus what varies between renders."""
     files = set()

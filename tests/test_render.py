@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import parse_structured
 
 QUESTIONS: dict[str, Any] = yaml.safe_load(
     (Path(__file__).resolve().parents[1] / "copier.yml").read_text(encoding="utf-8")
@@ -130,19 +131,8 @@ def test_tasks_skipped(project: Project) -> None:
 
 
 def test_structured_files_parse(project: Project) -> None:
-    parsed = 0
-    for path in project_files(project.path):
-        text = path.read_text(encoding="utf-8") if path.suffix != ".csv" else ""
-        if path.suffix in {".yml", ".yaml", ".dvc"}:
-            assert yaml.safe_load(text) is not None, path
-        elif path.suffix == ".toml":
-            tomllib.loads(text)
-        elif path.suffix == ".json":
-            json.loads(text)
-        else:
-            continue
-        parsed += 1
-    assert parsed >= 4  # answers, params, dvc.yaml, pyproject at least
+    # answers, params, dvc.yaml, pyproject, pre-commit, .dvc/config at least
+    assert parse_structured(project.path) >= 6
 
 
 def test_no_jinja_leftovers(project: Project) -> None:
