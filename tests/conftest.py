@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e import Project
+from e2e import FAKE_SECRETS, Project
 from helpers import render
 
 TEMPLATE = Path(__file__).resolve().parents[1]
@@ -45,7 +45,12 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Project:
 
 @pytest.fixture(scope="session")
 def trained(pristine: Project, tmp_path_factory: pytest.TempPathFactory) -> Project:
-    """A copy of ``pristine`` after ``nox -s train``: a champion in its MLflow store."""
+    """A copy of ``pristine`` after ``nox -s train``: a champion in its MLflow store.
+
+    Trained with fake credentials in the environment (tests/test_e2e_hygiene.py looks for them);
+    the run's output is kept in ``train_log``.
+    """
     project = pristine.copy(tmp_path_factory.mktemp("trained") / "my-ml-project")
-    project.nox("train")
+    result = project.nox("train", **FAKE_SECRETS)
+    project.train_log = result.stdout + result.stderr
     return project

@@ -30,6 +30,18 @@ MODEL_NAME = "my-ml-project"
 RUN_OUTPUTS = (".venv", ".nox", "dvc.lock", "processed", "models", "metrics", "plots")
 RUN_STATE = ("mlflow.db", "mlartifacts", "mlruns", "checkpoints", "__pycache__")
 
+# Fake credentials the `trained` fixture trains with: tests/test_e2e_hygiene.py checks that the
+# marker reaches no file, log or MLflow record (secrets are read from the environment only).
+SECRET_MARKER = "fake-secret-7f3c9e1d2b"
+FAKE_SECRETS = {
+    "AWS_ACCESS_KEY_ID": f"AKIA{SECRET_MARKER}",
+    "AWS_SECRET_ACCESS_KEY": SECRET_MARKER,
+    "MLFLOW_TRACKING_TOKEN": SECRET_MARKER,
+    "MLFLOW_TRACKING_PASSWORD": SECRET_MARKER,
+    "SERVICE_API_TOKEN": SECRET_MARKER,
+    "AZURE_STORAGE_KEY": SECRET_MARKER,
+}
+
 QUERY = """
 import json, sys
 from mlflow import MlflowClient
@@ -53,6 +65,7 @@ class Project:
 
     def __init__(self, path: Path, venv: Path) -> None:
         self.path, self.venv = path, venv
+        self.train_log = ""  # the `trained` fixture's `nox -s train` output
         self.env = {
             **os.environ,
             **torch_source_env(),
