@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -290,6 +291,23 @@ def serve(session: nox.Session) -> None:
     """Serve the latest Bento on 127.0.0.1:3000 (`-- --port P --host H`; `--reload`: the source)."""
     env = _serving_env(session)
     run(session, "python", "-m", f"{PACKAGE}.deploy", "serve", *session.posargs, env=env)
+
+
+@nox.session
+def audit(session: nox.Session) -> None:
+    """Check uv.lock against the OSV advisory database (audit-ignore.toml: accepted advisories).
+
+    Runs without the project environment (uv and the lock are all it needs, so a CI audit job
+    installs no torch). Exits with the audit's own code: 1 something to fix, 2 bad input,
+    3 the advisory service could not be reached (see src/my_ml_project/audit.py).
+    """
+    command = [sys.executable, "-m", f"{PACKAGE}.audit", "--python-version", PYTHON]
+    session.log(" ".join(["python", *command[1:]]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    code = subprocess.run([*command, *session.posargs], cwd=ROOT, env=env).returncode
+    if code:
+        # nox would turn any failure into exit code 1; SystemExit passes the audit's code on.
+        raise SystemExit(code)
 
 
 @nox.session
