@@ -192,6 +192,28 @@ def lint(session: nox.Session) -> None:
     env = project_env(session)
     run(session, "ruff", "check", ".", env=env)
     run(session, "ruff", "format", "--check", ".", env=env)
+    _scan_secrets(session, env)
+
+
+@nox.session
+def secrets(session: nox.Session) -> None:
+    """Scan the files git would commit for secrets (detect-secrets; `lint` runs it too)."""
+    _scan_secrets(session, project_env(session))
+
+
+def _scan_secrets(session: nox.Session, env: dict[str, str | None]) -> None:
+    """detect-secrets' pre-commit hook over every tracked or addable file, against the baseline.
+
+    New findings fail, naming the file and line. A false positive is marked in the code
+    (`# pragma: allowlist secret`) or audited into .secrets.baseline (`detect-secrets scan
+    --baseline .secrets.baseline`, then `detect-secrets audit .secrets.baseline`).
+    """
+    listed = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    found = run(session, *listed, env=env, silent=True, success_codes=[0, 128])
+    files = [f for f in found.split("\0") if f and (ROOT / f).is_file()]
+    if not files:
+        session.error("secret scan: no files to scan (not a git repository? `git init` first)")
+    run(session, "detect-secrets-hook", "--baseline", ".secrets.baseline", *files, env=env)
 
 
 @nox.session

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from e2e import PACKAGE, Project
 from helpers import EXAMPLE
 from packaging.version import Version
 
@@ -162,3 +163,21 @@ def test_audit_ignores_an_accepted_advisory_until_its_expiry(project, mirror) ->
     result = nox_audit(project, AUDIT_SERVICE_URL=mirror)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "CVE-2024-35195 expired on 2020-01-01, no longer ignored" in result.stdout
+
+
+# Built here rather than written out, so that no secret scan of this repository flags it.
+FAKE_AWS_KEY = "AKIA" + "Z7VRSQ5TJN2XPLQE"
+
+
+@pytest.mark.e2e
+def test_secret_scan_passes_clean_and_names_a_planted_key(pristine: Project, tmp_path) -> None:
+    project = pristine.copy(tmp_path / "my-ml-project")
+    project.nox("lint")  # ruff and the secret scan, on the project as copied (DVC files too)
+    planted = project.path / "src" / PACKAGE / "settings.py"
+    planted.write_text(f'"""Settings."""\n\nAWS_ACCESS_KEY_ID = "{FAKE_AWS_KEY}"\n')
+    for session in ("secrets", "lint"):
+        result = project.nox(session, check=False)
+        assert result.returncode != 0, session
+        output = result.stdout + result.stderr
+        assert "Secret Type: AWS Access Key" in output, output
+        assert f"Location:    src/{PACKAGE}/settings.py:3" in output, output
