@@ -268,18 +268,9 @@ def mlflow_ui(session: nox.Session) -> None:
     env = project_env(session)
     uri = run(session, "python", "-m", f"{PACKAGE}.registry", "uri", env=env, silent=True).strip()
     port = session.posargs[0] if session.posargs else "5000"
-    run(
-        session,
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        port,
-        env=env,
-    )
+    # Through the environment, not the command line nox prints: the URI may hold credentials.
+    env = {**env, "MLFLOW_BACKEND_STORE_URI": uri}
+    run(session, "mlflow", "ui", "--host", "127.0.0.1", "--port", port, env=env)
 
 
 @nox.session

@@ -30,6 +30,8 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"dvc_remote": "../a,b"}, "dvc_remote", "must not contain whitespace, quotes, ','"),
     ({"mlflow_tracking_uri": "ftp://x"}, "mlflow_tracking_uri", "is not supported"),
     ({"mlflow_tracking_uri": "mlflow.db"}, "mlflow_tracking_uri", "is not supported"),
+    ({"mlflow_tracking_uri": "https://u:pw@h"}, "mlflow_tracking_uri", "holds a password"),
+    ({"dvc_remote": "s3://key:secret@bucket/p"}, "dvc_remote", "holds a password"),
 ]
 # Choice questions: copier itself refuses what is not a choice.
 INVALID_CHOICES: list[tuple[dict[str, Any], str, str]] = [

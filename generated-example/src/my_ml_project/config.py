@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -149,6 +150,18 @@ class MlflowParams(Section):
     experiment: Text
     model_name: Text
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        # params.yaml is committed and every value is logged as an MLflow param.
+        if re.match(r"[^:/]+://[^/@:]*:[^/@]*@", value):
+            raise ValueError(
+                "holds a password (user:password@): set MLFLOW_TRACKING_URI, or "
+                "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN, "
+                "in the environment instead"
+            )
+        return value
+
 
 class Params(Section):
     """The whole of params.yaml."""
@@ -201,7 +214,9 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if kind == "bool_type":
         message = "expected true or false (unquoted)"
-    return f"{key}: {message}, not {error['input']!r}"
+    # The value found, less any password in a URI: error messages end up in CI logs.
+    found = re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", repr(error["input"]))
+    return f"{key}: {message}, not {found}"
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -127,7 +127,8 @@ def configure(params: MlflowParams) -> str:
                 raise
     elif experiment.lifecycle_stage == "deleted":
         raise ProjectError(
-            f"MLflow experiment '{name}' (id {experiment.experiment_id}) is deleted in {uri}: "
+            f"MLflow experiment '{name}' (id {experiment.experiment_id}) is deleted in "
+            f"{portable_uri(uri)}: "
             f"restore it (mlflow experiments restore --experiment-id {experiment.experiment_id}) "
             "or set another mlflow.experiment in params.yaml"
         )
@@ -268,7 +269,8 @@ def open_run(
         try:
             run = mlflow.start_run(run_id=run_id)
         except MlflowException:
-            print(f"note: MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; new run")
+            where = portable_uri(mlflow.get_tracking_uri())
+            print(f"note: MLflow run {run_id} is not in {where}; new run")
     logged: set[int] = set()
     if run is None:
         run = mlflow.start_run()
