@@ -60,6 +60,7 @@ def test_shipped_params_are_valid(template_params: dict[str, Any]) -> None:
         ("evaluate", "promotion_margin", "a lot", "evaluate.promotion_margin: Input should"),
         ("evaluate", "min_score", 2, "evaluate.min_score: Input should be less than or equal to 1"),
         ("mlflow", "model_name", "", "mlflow.model_name: String should have at least 1 char"),
+        # pragma: allowlist nextline secret
         ("mlflow", "tracking_uri", "https://u:pw@mlflow.example", "'https://u:***@mlflow.ex"),
     ],
 )
@@ -76,7 +77,7 @@ def test_a_tracking_uri_with_a_password_is_refused_without_echoing_it(
     template_params: dict[str, Any],
 ) -> None:
     # params.yaml is committed and logged to MLflow: credentials come from the environment.
-    uri = "https://mlflow:s3cr3t-Pw@mlflow.example/api"
+    uri = "https://mlflow:s3cr3t-Pw@mlflow.example/api"  # pragma: allowlist secret
     with pytest.raises(ProjectError, match="holds a password") as info:
         parse_params(with_change(template_params, "mlflow", "tracking_uri", uri))
     assert "MLFLOW_TRACKING_PASSWORD" in str(info.value)
