@@ -4,8 +4,9 @@
 ``champion``) into BentoML's model store, with the registry name and version, the MLflow run id,
 the git commit and the data hashes as metadata; build the Bento (the service's modules only;
 Python packages from uv.lock, never locked again at build time); start it on a free loopback port,
-check its answers on the test split against the model's own; print the Bento tag. A version
-already imported and a Bento of the same sources are reused: nothing is rebuilt.
+check its answers on the test split against the model's own; write a CycloneDX SBOM of the
+Python packages it ships (``build/sbom/<bento>-<version>.cdx.json``); print the Bento tag. A
+version already imported and a Bento of the same sources are reused: nothing is rebuilt.
 
 ``serve [--host H] [--port P] [--reload]``: the latest Bento in the foreground (``--reload``:
 the service from the source tree, restarted on edits).
@@ -43,6 +44,7 @@ SERVICE_MODULES = (
 PYTORCH_INDEX = "https://download.pytorch.org/whl/{}"
 CUDA_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04"
 SRC = Path("src")
+SBOM_DIR = Path("build/sbom")  # what CI publishes beside the image
 
 
 class DeployError(ProjectError):
@@ -92,18 +94,66 @@ def _listed(lister: Any) -> list[Any]:
 
 def _requirements(folder: Path) -> Path:
     """requirements.txt from uv.lock (no resolution), torch from the accelerator's index."""
-    out = subprocess.run(
-        ["uv", "export", "--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "--no-header"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    torch = subprocess.run(
+    out = _export("--no-hashes", "--no-header")
+    path = folder / "bento-requirements.txt"
+    text = f"--extra-index-url {_torch_index()}\n{out}torch=={_torch_version()}\n"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _torch_version() -> str:
+    """The installed torch's release (2.9.1 of 2.9.1+cpu): what the Bento pins."""
+    return subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.__version__.split('+')[0])"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
+
+
+def _torch_index() -> str:
+    """The PyTorch wheel index of the accelerator's build (CUDA, else CPU)."""
     backend = torch_backend()
-    index = PYTORCH_INDEX.format(backend if backend.startswith("cu") else "cpu")
-    path = folder / "bento-requirements.txt"
-    path.write_text(f"--extra-index-url {index}\n{out}torch=={torch}\n", encoding="utf-8")
+    return PYTORCH_INDEX.format(backend if backend.startswith("cu") else "cpu")
+
+
+def _export(*args: str) -> str:
+    """``uv export`` of uv.lock's runtime packages (no resolution, no dev group)."""
+    command = ["uv", "export", "--frozen", "--no-dev", "--no-emit-project", *args]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:  # an old uv without the CycloneDX format, a missing lock
+        said = [line for line in proc.stderr.splitlines() if line.strip()] or ["?"]
+        raise DeployError(f"{' '.join(command[:2])} failed: {said[-1]}")
+    return proc.stdout
+
+
+def write_sbom(bento: Any, folder: Path = SBOM_DIR) -> Path:
+    """A CycloneDX 1.5 SBOM of the Python packages the Bento ships, from uv.lock.
+
+    uv's export of the lock, kept to what the Bento's requirements pin: the runtime packages,
+    and torch at the version pinned, with the build and index it comes from (PyPI's files and
+    hashes for torch are not what ships). The packages torch brings from that index when the
+    image is built are not pinned by the lock, so not listed: scan the image for those.
+    """
+    preview = ("--preview-features", "sbom-export", "--format", "cyclonedx1.5")
+    bom = json.loads(_export(*preview, "--extra", "torch"))
+    pinned = {c["name"] for c in json.loads(_export(*preview))["components"]} | {"torch"}
+    kept = [c for c in bom["components"] if c["name"] in pinned]
+    refs = {c["bom-ref"] for c in kept} | {bom["metadata"]["component"]["bom-ref"]}
+    for component in kept:
+        if component["name"] == "torch":
+            version = _torch_version()
+            component |= {"version": version, "purl": f"pkg:pypi/torch@{version}"}
+            component["externalReferences"] = [{"type": "distribution", "url": _torch_index()}]
+            component["properties"] = [{"name": "torch:backend", "value": torch_backend()}]
+    bom["components"] = kept
+    bom["dependencies"] = [
+        {**d, "dependsOn": [r for r in d.get("dependsOn", []) if r in refs]}
+        for d in bom["dependencies"]
+        if d["ref"] in refs
+    ]
+    bom["metadata"]["properties"] = [{"name": "bentoml:bento", "value": str(bento.tag)}]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{bento.tag.name}-{bento.tag.version}.cdx.json"
+    path.write_text(json.dumps(bom, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -301,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     model = import_model(load_params().mlflow.model_name, selector)
     bento = build_bento(model)
     smoke_test(str(bento.tag))
+    # Before the image: the SBOM is there even where no container engine is.
+    print(f"sbom: {write_sbom(bento)}")
     if args.containerize:
         containerize(str(bento.tag))
     print(f"bento: {bento.tag}")
