@@ -82,6 +82,46 @@ def test_project_lint_and_unit_tests_pass_in_gitlab_ci(
     assert float(coverage.get("line-rate")) > 0.5
 
 
+@pytest.mark.parametrize(
+    ("status", "due"),
+    [("drift", True), ("degraded", True), ("healthy", False), ("insufficient_data", False)],
+)
+def test_retrain_check_reads_the_monitoring_status(
+    pristine: Project, tmp_path: Path, status: str, due: bool
+) -> None:
+    """What the CI monitor jobs branch on: step outputs / dotenv lines, and a failure when due."""
+    project = pristine.copy(tmp_path / "monitor")
+    latest = project.path / "reports" / "monitoring" / "latest"
+    latest.mkdir(parents=True)
+    (latest / "result.json").write_text(json.dumps({"status": status}))
+    out = tmp_path / "out.env"
+    project.nox("retrain-check", "--", "--output", str(out))
+    lines = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert lines == {"status": status, "retrain": str(due).lower()}
+    failed = project.nox("retrain-check", "--", "--fail-when-due", check=False)
+    assert (failed.returncode != 0) == due
+    if due:
+        assert f"retraining due: monitoring found {status}" in failed.stdout + failed.stderr
+
+
+def test_retrain_check_without_a_report_fails_in_one_line(pristine: Project, tmp_path) -> None:
+    project = pristine.copy(tmp_path / "no-report")
+    result = project.nox("retrain-check", check=False)
+    assert result.returncode != 0
+    assert "no monitoring status in reports/monitoring/latest/result.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_metrics_session_writes_the_gate_decision(trained: Project, tmp_path: Path) -> None:
+    summary = tmp_path / "summary.md"
+    trained.nox("metrics", "--", str(summary))
+    text = summary.read_text()
+    gate = trained.json("metrics/gate.json")
+    assert f"**Gate: {gate['decision']}**" in text
+    accuracy = trained.json("metrics/evaluate.json")["accuracy"]
+    assert f"| accuracy | {accuracy:.4f} |" in text
+
+
 def test_train_registers_a_champion_that_beats_the_baseline(trained: Project) -> None:
     registry = trained.registry()
     assert registry["versions"] == [1]
