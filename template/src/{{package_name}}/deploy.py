@@ -278,11 +278,31 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 def containerize(tag: str) -> None:
-    """``bentoml containerize``, where a container engine answers."""
+    """``bentoml containerize``, where a container engine answers.
+
+    With IMAGE_REPOSITORY set (CI: the provider's registry), the image is named
+    ``<repository>:<Bento version>`` and pushed there.
+    """
     engine = next((e for e in ("docker", "podman") if shutil.which(e)), None)
     if engine is None or subprocess.run([engine, "info"], capture_output=True).returncode != 0:
         raise DeployError("no container engine (docker or podman) is running here: image not built")
-    subprocess.run(["bentoml", "containerize", tag, "--backend", engine], check=True)
+    repository = os.environ.get("IMAGE_REPOSITORY", "").strip().lower()  # registries want lowercase
+    named = ["--image-tag", f"{repository}:{tag.partition(':')[2]}"] if repository else []
+    subprocess.run(["bentoml", "containerize", tag, "--backend", engine, *named], check=True)
+    if repository:
+        push_image(engine, named[1])
+
+
+def push_image(engine: str, image: str) -> None:
+    """Push ``image``; write its repository and digest to build/image.env (CI attests them)."""
+    subprocess.run([engine, "push", image], check=True)
+    inspect = [engine, "image", "inspect", "--format", "{{index .RepoDigests 0}}", image]
+    pinned = subprocess.run(inspect, check=True, capture_output=True, text=True).stdout.strip()
+    repository, _, digest = pinned.partition("@")
+    out = Path("build") / "image.env"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"image={repository}\ndigest={digest}\n", encoding="utf-8")
+    print(f"pushed: {repository}@{digest}")
 
 
 def serve(host: str, port: int, reload: bool) -> None:
