@@ -301,6 +301,42 @@ def predict(session: nox.Session) -> None:
     run(session, "python", "-m", f"{PACKAGE}.predict", *session.posargs, env=env)
 
 
+@nox.session
+def monitor(session: nox.Session) -> None:
+    """Drift and quality of served traffic (`-- --last N | --since T | --current F | --no-fail`)."""
+    env = project_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.monitor", *session.posargs, env=env)
+
+
+@nox.session
+def simulate(session: nox.Session) -> None:
+    """Demo traffic: -- --url URL --rows N --drift D [--seed S] [--feedback] (see simulate.py)."""
+    env = project_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.simulate", *session.posargs, env=env)
+
+
+@nox.session
+def retrain(session: nox.Session) -> None:
+    """Labelled production rows -> a new DVC version of the raw data -> the pipeline and gate."""
+    env = project_env(session)
+    state = ROOT / "data" / "retrain.json"
+    before = state.read_bytes() if state.exists() else None
+    run(session, "python", "-m", f"{PACKAGE}.retrain", *session.posargs, env=env)
+    if "--dry-run" in session.posargs or (state.read_bytes() if state.exists() else None) == before:
+        return  # nothing added: the pipeline is not rerun
+    run(session, "dvc", "repro", env=env)
+    _show_metrics(session)
+
+
+@nox.session
+def rollback(session: nox.Session) -> None:
+    """Move `champion` back to the previous champion, then ship it as `deploy` does."""
+    env = _serving_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.registry", "rollback", env=env)
+    run(session, "python", "-m", f"{PACKAGE}.deploy", "deploy", env=env)
+    session.log("restart the service (`nox -s serve`) to serve the rolled-back model")
+
+
 # --- CI helpers: what the pipelines (.github/, .gitlab-ci.yml, Jenkinsfile) need besides the
 # sessions above, kept here so that no pipeline carries logic of its own.
 MONITOR_RESULT = ROOT / "reports" / "monitoring" / "latest" / "result.json"
