@@ -36,7 +36,8 @@ BUILD = Path("build/bench-monitor")
 EVIDENTLY_ALONE = """
 import sys, warnings
 import pandas as pd
-from evidently import BinaryClassification, DataDefinition, Dataset, MulticlassClassification, Report
+from evidently import BinaryClassification, DataDefinition, Dataset
+from evidently import MulticlassClassification, Report
 from evidently.presets import ClassificationPreset, DataDriftPreset, DataSummaryPreset
 
 folder, numeric, classes = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
@@ -115,7 +116,7 @@ def build(package: str, rows: int, labelled: float, days: int) -> tuple[list[str
         for first in range(chunk.start, chunk.stop, 8):
             last = min(first + 8, chunk.stop)
             request_id = f"{first:032x}"
-            answers = [{"label": str(predicted[i]), "probabilities": {}} for i in range(first, last)]
+            answers = [{"label": str(p), "probabilities": {}} for p in predicted[first:last]]
             log._queue(predlog.PREDICTIONS, last - first,
                        (request_id, "1", records[first:last], answers, None))  # fmt: skip
             if rng.random() < labelled:
@@ -147,7 +148,8 @@ def main() -> None:
     since = "2000-01-01"
     monitor = [sys.executable, "-m", f"{package}.monitor", "--log-dir", str(BUILD / "log"),
                "--since", since]  # fmt: skip
-    alone = [sys.executable, "-c", EVIDENTLY_ALONE, str(BUILD), ",".join(numeric), ",".join(classes)]
+    alone = [sys.executable, "-c", EVIDENTLY_ALONE, str(BUILD), ",".join(numeric),
+             ",".join(classes)]  # fmt: skip
     env_note = {"MLFLOW_DISABLE_TELEMETRY": "true"}
     os.environ.update(env_note)
     times: dict[str, list[float]] = {"monitor": [], "evidently": []}

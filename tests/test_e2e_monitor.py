@@ -128,6 +128,7 @@ def test_five_rows_are_insufficient_data(served: Served) -> None:
     traffic(served, "--rows", "5", "--seed", "3")
     code, result = monitor(served, "--last", "5")
     assert result["status"] == "insufficient_data"
+    assert code != 0  # the session fails on anything but healthy
     assert module_exit(served, "--last", "5") == EXIT["insufficient_data"]
     assert result["rows"]["current"] == 5
     # --no-fail: the same status, for a dashboard, without failing the session.
@@ -156,6 +157,7 @@ def test_flipped_labels_are_degraded(served: Served) -> None:
     since = traffic(served, "--rows", "80", "--seed", "5", "--feedback", "--flip-labels", "0.5")
     code, result = monitor(served, "--since", since)
     assert result["status"] == "degraded", result["reasons"]
+    assert code != 0
     assert module_exit(served, "--since", since) == EXIT["degraded"]
     assert result["quality"]["versions"]["1"]["degraded"] is True
 
