@@ -558,7 +558,10 @@ def monitor(
     try:
         reference_raw, schema = load_frame("train")
     except DataError as exc:
-        raise MonitorError(f"the reference (train split) cannot be read: {exc}") from None
+        raise MonitorError(
+            f"the reference (train split) cannot be read: {exc}; or fetch it from the DVC "
+            "remote: `nox -s pull -- prepare`"
+        ) from None
     if current_file is not None:
         traffic = file_traffic(current_file, schema)
     else:
