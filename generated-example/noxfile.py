@@ -14,6 +14,7 @@ picked at install time from the accelerator answer (auto), or else, first set wi
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ nox.options.sessions = ["lint", "test"]
 
 ROOT = Path(__file__).parent.resolve()
 PACKAGE = "my_ml_project"
-PYTHON = "3.11"
+# UV_PYTHON (uv's own setting; CI sets it per job of its Python matrix) picks another version.
+PYTHON = os.environ.get("UV_PYTHON") or "3.11"
 TORCH_BACKEND = "auto"  # the accelerator answer, as uv's --torch-backend names it
 LOCK = ROOT / "uv.lock"
 VENV = ROOT / os.environ.get("UV_PROJECT_ENVIRONMENT", ".venv")
@@ -328,3 +330,110 @@ def predict(session: nox.Session) -> None:
     """Batch scoring: -- --input FILE --output FILE [--version N | --alias A] (see predict.py)."""
     env = project_env(session)
     run(session, "python", "-m", f"{PACKAGE}.predict", *session.posargs, env=env)
+
+
+@nox.session
+def monitor(session: nox.Session) -> None:
+    """Drift and quality of served traffic (`-- --last N | --since T | --current F | --no-fail`)."""
+    env = project_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.monitor", *session.posargs, env=env)
+
+
+@nox.session
+def simulate(session: nox.Session) -> None:
+    """Demo traffic: -- --url URL --rows N --drift D [--seed S] [--feedback] (see simulate.py)."""
+    env = project_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.simulate", *session.posargs, env=env)
+
+
+@nox.session
+def retrain(session: nox.Session) -> None:
+    """Labelled production rows -> a new DVC version of the raw data -> the pipeline and gate."""
+    env = project_env(session)
+    state = ROOT / "data" / "retrain.json"
+    before = state.read_bytes() if state.exists() else None
+    run(session, "python", "-m", f"{PACKAGE}.retrain", *session.posargs, env=env)
+    if "--dry-run" in session.posargs or (state.read_bytes() if state.exists() else None) == before:
+        return  # nothing added: the pipeline is not rerun
+    run(session, "dvc", "repro", env=env)
+    _show_metrics(session)
+
+
+@nox.session
+def rollback(session: nox.Session) -> None:
+    """Move `champion` back to the previous champion, then ship it as `deploy` does."""
+    env = _serving_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.registry", "rollback", env=env)
+    run(session, "python", "-m", f"{PACKAGE}.deploy", "deploy", env=env)
+    session.log("restart the service (`nox -s serve`) to serve the rolled-back model")
+
+
+# --- CI helpers: what the pipelines (.github/, .gitlab-ci.yml, Jenkinsfile) need besides the
+# sessions above, kept here so that no pipeline carries logic of its own.
+MONITOR_RESULT = ROOT / "reports" / "monitoring" / "latest" / "result.json"
+RETRAIN_ON = ("drift", "degraded")  # monitoring statuses that start the training pipeline
+
+
+@nox.session(name="check-pipeline")
+def check_pipeline(session: nox.Session) -> None:
+    """Quick DVC pipeline check: dvc.yaml and params parse, the stages' status (no data needed)."""
+    run(session, "dvc", "status", env=project_env(session))
+
+
+@nox.session
+def metrics(session: nox.Session) -> None:
+    """The test metrics and the gate decision as Markdown, appended to `-- FILE` (else printed)."""
+    paths = [ROOT / "metrics" / "evaluate.json", ROOT / "metrics" / "gate.json"]
+    if missing := [p.relative_to(ROOT).as_posix() for p in paths if not p.exists()]:
+        session.error(f"no {', '.join(missing)}: run `nox -s train` first")
+    values, gate = (json.loads(p.read_text(encoding="utf-8")) for p in paths)
+    rows = [f"| {k} | {v:.4f} |" for k, v in values.items() if isinstance(v, int | float)]
+    text = "\n".join(
+        [
+            "### Training",
+            f"**Gate: {gate['decision']}** ({gate['reason']})",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *rows,
+            "",
+        ]
+    )
+    _write_or_print(session, session.posargs, text)
+
+
+@nox.session(name="retrain-check")
+def retrain_check(session: nox.Session) -> None:
+    """Whether the latest monitoring report asks for retraining (drift or degraded).
+
+    `-- --output FILE` appends `status=...` and `retrain=true|false` (GitHub step outputs,
+    GitLab dotenv); `--summary FILE` appends a Markdown line; `--fail-when-due` fails the
+    session when retraining is due (for CI systems that branch on a job's failure).
+    """
+    parser = argparse.ArgumentParser(prog="nox -s retrain-check --")
+    parser.add_argument("--output", help="append status=... and retrain=... lines here")
+    parser.add_argument("--summary", help="append a Markdown line here")
+    parser.add_argument("--fail-when-due", action="store_true", help="fail when retraining is due")
+    args = parser.parse_args(session.posargs)
+    try:
+        status = json.loads(MONITOR_RESULT.read_text(encoding="utf-8"))["status"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        session.error(f"no monitoring status in {MONITOR_RESULT.relative_to(ROOT)}: {error}")
+    due = status in RETRAIN_ON
+    session.log(f"monitoring status: {status}; retraining {'due' if due else 'not due'}")
+    if args.output:
+        _write_or_print(session, [args.output], f"status={status}\nretrain={str(due).lower()}\n")
+    if args.summary:
+        verdict = "retraining started" if due else "no retraining"
+        _write_or_print(session, [args.summary], f"### Monitoring\n**{status}**: {verdict}\n")
+    if due and args.fail_when_due:
+        session.error(f"retraining due: monitoring found {status}")
+
+
+def _write_or_print(session: nox.Session, posargs: list[str], text: str) -> None:
+    """Append ``text`` to the file named in ``posargs`` (CI summaries and outputs), else print."""
+    if not posargs:
+        print(text)
+        return
+    with Path(posargs[0]).open("a", encoding="utf-8") as out:
+        out.write(text)

@@ -145,6 +145,31 @@ class EvaluateParams(Section):
     promotion_margin: Unit = 0.0
 
 
+class ServeParams(Section):
+    # Shadow scoring: the service also scores the `challenger` (when `nox -s deploy` finds one)
+    # after answering, and logs its answers beside the champion's; clients see the champion's.
+    shadow: StrictBool = False
+
+
+class MonitorParams(Section):
+    # The window `nox -s monitor` reads by default: the log's last N days (UTC).
+    window_days: Annotated[StrictInt, Field(ge=1)] = 7
+    # Fewer rows than this in the window: status insufficient_data (drift tests mean little).
+    min_rows: Annotated[StrictInt, Field(ge=1)] = 50
+    # Status drift when at least this share of the features drift (Evidently's drift share).
+    drift_share: Annotated[Number, Field(gt=0, le=1)] = 0.3
+    # Drift threshold of every feature's test (p-value for K-S / chi-square / Z-test, distance
+    # for Wasserstein / Jensen-Shannon: Evidently picks the test by column kind and row count);
+    # null = Evidently's default for that test. Per feature: {column: threshold}.
+    drift_threshold: Annotated[Number, Field(gt=0, le=1)] | None = None
+    feature_thresholds: dict[Text, Annotated[Number, Field(gt=0, le=1)]] = {}
+    # Ground truth: at least this many labelled rows of a model version before its accuracy and
+    # F1 are judged; status degraded when either falls more than this below its test value.
+    min_labelled_rows: Annotated[StrictInt, Field(ge=1)] = 30
+    max_accuracy_drop: Unit = 0.05
+    max_f1_drop: Unit = 0.05
+
+
 class MlflowParams(Section):
     tracking_uri: Text
     experiment: Text
@@ -173,6 +198,8 @@ class Params(Section):
     train: TrainParams
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams
+    serve: ServeParams = ServeParams()
+    monitor: MonitorParams = MonitorParams()
 
     def flat(self) -> dict[str, str]:
         """``{"train.lr": "0.001", ...}``: every value as a string, for MLflow params."""

@@ -2,11 +2,13 @@
 
 ``deploy [--version N | --alias A] [--containerize]``: import the version (default: the
 ``champion``) into BentoML's model store, with the registry name and version, the MLflow run id,
-the git commit and the data hashes as metadata; build the Bento (the service's modules only;
-Python packages from uv.lock, never locked again at build time); start it on a free loopback port,
-check its answers on the test split against the model's own; write a CycloneDX SBOM of the
-Python packages it ships (``build/sbom/<bento>-<version>.cdx.json``); print the Bento tag. A
-version already imported and a Bento of the same sources are reused: nothing is rebuilt.
+the git commit, the data hashes and the test metrics as metadata (with ``serve.shadow: true`` in
+params.yaml, the ``challenger`` too, as the shadow model); build the Bento (the service's modules
+only; Python packages from uv.lock, never locked again at build time); start it on a free
+loopback port, check its answers on the test split against the model's own; write a CycloneDX
+SBOM of the Python packages it ships (``build/sbom/<bento>-<version>.cdx.json``); print the
+Bento tag. A version already imported and a Bento of the same sources are reused: nothing is
+rebuilt.
 
 ``serve [--host H] [--port P] [--reload]``: the latest Bento in the foreground (``--reload``:
 the service from the source tree, restarted on edits).
@@ -41,6 +43,7 @@ SERVICE_MODULES = (
     "__init__.py", "config.py", "features.py", "fileio.py", "model.py",
     "predlog.py", "serving.py", "service.py",
 )  # fmt: skip
+DEPLOYMENT = "deployment.json"  # the served and shadow model tags, read by service.py
 PYTORCH_INDEX = "https://download.pytorch.org/whl/{}"
 CUDA_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04"
 SRC = Path("src")
@@ -65,7 +68,8 @@ def import_model(name: str, selector: dict[str, str]) -> Any:
     details = registry.version_details(name, version)
     for model in _listed(bentoml.models.list):
         meta = model.info.metadata
-        if (meta.get("registry_version"), meta.get("run_id")) == (version, details["run_id"]):
+        same = (meta.get("registry_version"), meta.get("run_id")) == (version, details["run_id"])
+        if same and "test_metrics" in meta:  # imported before test metrics were kept: again
             return model
     model = registry.load_version(name, version)
     tags = details["tags"]
@@ -75,11 +79,24 @@ def import_model(name: str, selector: dict[str, str]) -> Any:
         "run_id": details["run_id"],
         "git_commit": tags.get("git.commit", "unknown"),
         "data_version": {k: v for k, v in tags.items() if k.startswith("data.")},
+        "test_metrics": details["test_metrics"],
         "config": model.config(),
     }
     with bentoml.models.create(MODEL_NAME, metadata=metadata, labels={"stage": "served"}) as bm:
         save_model(model, bm.path_of("model.pt"))
     return bentoml.models.get(bm.tag)
+
+
+def shadow_model(name: str, served: Any) -> Any:
+    """The challenger, imported, to score in the shadow of ``served`` (None: no challenger)."""
+    from . import registry
+
+    version = registry.get_alias_version(name, registry.CHALLENGER)
+    if version is None or version == served.info.metadata["registry_version"]:
+        print("shadow scoring: no challenger to shadow (serve.shadow is on)")
+        return None
+    print(f"shadow scoring: challenger v{version} scores beside the served model")
+    return import_model(name, {"version": version})
 
 
 def _listed(lister: Any) -> list[Any]:
@@ -157,40 +174,45 @@ def write_sbom(bento: Any, folder: Path = SBOM_DIR) -> Path:
     return path
 
 
-def _source_hash(model_tag: str) -> str:
-    digest = hashlib.sha256(model_tag.encode())
+def _source_hash(models: dict[str, str | None]) -> str:
+    digest = hashlib.sha256(json.dumps(models, sort_keys=True).encode())
     digest.update(torch_backend().encode())
     for name in (*SERVICE_MODULES, "../../uv.lock"):
         digest.update((SRC / PACKAGE / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def build_bento(model: Any) -> Any:
-    """The Bento of the service with ``model`` (an existing one when nothing changed)."""
+def build_bento(model: Any, shadow: Any = None) -> Any:
+    """The Bento of the service with ``model`` (and the ``shadow`` model, scored beside it);
+    an existing one when nothing changed."""
     import bentoml
 
-    source = _source_hash(str(model.tag))
+    models = {"model": str(model.tag), "shadow": str(shadow.tag) if shadow else None}
+    source = _source_hash(models)
     for bento in _listed(bentoml.bentos.list):
         if bento.info.labels.get("source") == source:
             return bento
     cuda = torch_backend().startswith("cu")
     docker: dict[str, Any] = {"env": {"TORCH_BACKEND": torch_backend()}}
     docker |= {"base_image": CUDA_IMAGE} if cuda else {"python_version": _python()}
-    # BentoML reads the file only inside build_ctx: written there for the build, then removed.
+    # BentoML reads these files only inside build_ctx: written there for the build, then removed.
     requirements = _requirements(SRC)
+    deployment = SRC / PACKAGE / DEPLOYMENT
+    deployment.write_text(json.dumps(models, indent=2) + "\n", encoding="utf-8")
     try:
         return bentoml.bentos.build(
             SERVICE,
             name=MODEL_NAME,
-            labels={"source": source, "model": str(model.tag)},
+            labels={"source": source, **{k: v for k, v in models.items() if v}},
             build_ctx=str(SRC),
-            include=[f"{PACKAGE}/{name}" for name in SERVICE_MODULES],
+            include=[f"{PACKAGE}/{name}" for name in (*SERVICE_MODULES, DEPLOYMENT)],
             python={"requirements_txt": requirements.name, "lock_packages": False},
             docker=docker,
-            models=[str(model.tag)],
+            models=[tag for tag in models.values() if tag],
         )
     finally:
         requirements.unlink()
+        deployment.unlink()
 
 
 def _python() -> str:
@@ -307,11 +329,31 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 def containerize(tag: str) -> None:
-    """``bentoml containerize``, where a container engine answers."""
+    """``bentoml containerize``, where a container engine answers.
+
+    With IMAGE_REPOSITORY set (CI: the provider's registry), the image is named
+    ``<repository>:<Bento version>`` and pushed there.
+    """
     engine = next((e for e in ("docker", "podman") if shutil.which(e)), None)
     if engine is None or subprocess.run([engine, "info"], capture_output=True).returncode != 0:
         raise DeployError("no container engine (docker or podman) is running here: image not built")
-    subprocess.run(["bentoml", "containerize", tag, "--backend", engine], check=True)
+    repository = os.environ.get("IMAGE_REPOSITORY", "").strip().lower()  # registries want lowercase
+    named = ["--image-tag", f"{repository}:{tag.partition(':')[2]}"] if repository else []
+    subprocess.run(["bentoml", "containerize", tag, "--backend", engine, *named], check=True)
+    if repository:
+        push_image(engine, named[1])
+
+
+def push_image(engine: str, image: str) -> None:
+    """Push ``image``; write its repository and digest to build/image.env (CI attests them)."""
+    subprocess.run([engine, "push", image], check=True)
+    inspect = [engine, "image", "inspect", "--format", "{{index .RepoDigests 0}}", image]
+    pinned = subprocess.run(inspect, check=True, capture_output=True, text=True).stdout.strip()
+    repository, _, digest = pinned.partition("@")
+    out = Path("build") / "image.env"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"image={repository}\ndigest={digest}\n", encoding="utf-8")
+    print(f"pushed: {repository}@{digest}")
 
 
 def serve(host: str, port: int, reload: bool) -> None:
@@ -348,8 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.host, args.port, args.reload)
         return 0
     selector = {"version": args.version} if args.version else {"alias": args.alias}
-    model = import_model(load_params().mlflow.model_name, selector)
-    bento = build_bento(model)
+    params = load_params()
+    name = params.mlflow.model_name
+    model = import_model(name, selector)
+    shadow = shadow_model(name, model) if params.serve.shadow else None
+    bento = build_bento(model, shadow)
     smoke_test(str(bento.tag))
     # Before the image: the SBOM is there even where no container engine is.
     print(f"sbom: {write_sbom(bento)}")
