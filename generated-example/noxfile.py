@@ -316,7 +316,9 @@ def audit(session: nox.Session) -> None:
     installs no torch). Exits with the audit's own code: 1 something to fix, 2 bad input,
     3 the advisory service could not be reached (see src/my_ml_project/audit.py).
     """
-    command = [sys.executable, "-m", f"{PACKAGE}.audit", "--python-version", PYTHON]
+    # UV_PYTHON may name an interpreter (a path): the audit wants a version.
+    version = PYTHON if PYTHON[:1].isdigit() else "3.11"
+    command = [sys.executable, "-m", f"{PACKAGE}.audit", "--python-version", version]
     session.log(" ".join(["python", *command[1:]]))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     code = subprocess.run([*command, *session.posargs], cwd=ROOT, env=env).returncode
