@@ -18,9 +18,11 @@ picked at install time from the accelerator answer (auto), or else, first set wi
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -34,7 +36,8 @@ nox.options.default_venv_backend = "none"
 
 ROOT = Path(__file__).parent.resolve()
 PACKAGE = "my_ml_project"
-PYTHON = "3.11"
+# UV_PYTHON (uv's own setting; CI sets it per job of its Python matrix) picks another version.
+PYTHON = os.environ.get("UV_PYTHON") or "3.11"
 TORCH_BACKEND = "auto"  # the accelerator answer, as uv's --torch-backend names it
 LOCK = ROOT / "uv.lock"
 VENV = ROOT / os.environ.get("UV_PROJECT_ENVIRONMENT", ".venv")
@@ -190,11 +193,33 @@ def install(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Check code style and formatting with ruff, and types in src/ with mypy."""
+    """Style and formatting (ruff), types in src/ (mypy), secrets (detect-secrets)."""
     env = project_env(session)
     run(session, "ruff", "check", ".", env=env)
     run(session, "ruff", "format", "--check", ".", env=env)
     run(session, "mypy", env=env)  # the files and settings: pyproject.toml's [tool.mypy]
+    _scan_secrets(session, env)
+
+
+@nox.session(default=False)
+def secrets(session: nox.Session) -> None:
+    """Scan the files git would commit for secrets (detect-secrets; `lint` runs it too)."""
+    _scan_secrets(session, project_env(session))
+
+
+def _scan_secrets(session: nox.Session, env: dict[str, str | None]) -> None:
+    """detect-secrets' pre-commit hook over every tracked or addable file, against the baseline.
+
+    New findings fail, naming the file and line. A false positive is marked in the code
+    (`# pragma: allowlist secret`) or audited into .secrets.baseline (`detect-secrets scan
+    --baseline .secrets.baseline`, then `detect-secrets audit .secrets.baseline`).
+    """
+    listed = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    found = run(session, *listed, env=env, silent=True, success_codes=[0, 128])
+    files = [f for f in found.split("\0") if f and (ROOT / f).is_file()]
+    if not files:
+        session.error("secret scan: no files to scan (not a git repository? `git init` first)")
+    run(session, "detect-secrets-hook", "--baseline", ".secrets.baseline", *files, env=env)
 
 
 @nox.session
@@ -249,18 +274,9 @@ def mlflow_ui(session: nox.Session) -> None:
     env = project_env(session)
     uri = run(session, "python", "-m", f"{PACKAGE}.registry", "uri", env=env, silent=True).strip()
     port = session.posargs[0] if session.posargs else "5000"
-    run(
-        session,
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        port,
-        env=env,
-    )
+    # Through the environment, not the command line nox prints: the URI may hold credentials.
+    env = {**env, "MLFLOW_BACKEND_STORE_URI": uri}
+    run(session, "mlflow", "ui", "--host", "127.0.0.1", "--port", port, env=env)
 
 
 @nox.session(default=False)
@@ -297,10 +313,136 @@ def serve(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def audit(session: nox.Session) -> None:
+    """Check uv.lock against the OSV advisory database (audit-ignore.toml: accepted advisories).
+
+    Runs without the project environment (uv and the lock are all it needs, so a CI audit job
+    installs no torch). Exits with the audit's own code: 1 something to fix, 2 bad input,
+    3 the advisory service could not be reached (see src/my_ml_project/audit.py).
+    """
+    # UV_PYTHON may name an interpreter (a path): the audit wants a version.
+    version = PYTHON if PYTHON[:1].isdigit() else "3.11"
+    command = [sys.executable, "-m", f"{PACKAGE}.audit", "--python-version", version]
+    session.log(" ".join(["python", *command[1:]]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    code = subprocess.run([*command, *session.posargs], cwd=ROOT, env=env).returncode
+    if code:
+        # nox would turn any failure into exit code 1; SystemExit passes the audit's code on.
+        raise SystemExit(code)
+
+
+@nox.session(default=False)
 def predict(session: nox.Session) -> None:
     """Batch scoring: -- --input FILE --output FILE [--version N | --alias A] (see predict.py)."""
     env = project_env(session)
     run(session, "python", "-m", f"{PACKAGE}.predict", *session.posargs, env=env)
+
+
+@nox.session(default=False)
+def monitor(session: nox.Session) -> None:
+    """Drift and quality of served traffic (`-- --last N | --since T | --current F | --no-fail`)."""
+    env = project_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.monitor", *session.posargs, env=env)
+
+
+@nox.session(default=False)
+def simulate(session: nox.Session) -> None:
+    """Demo traffic: -- --url URL --rows N --drift D [--seed S] [--feedback] (see simulate.py)."""
+    env = project_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.simulate", *session.posargs, env=env)
+
+
+@nox.session(default=False)
+def retrain(session: nox.Session) -> None:
+    """Labelled production rows -> a new DVC version of the raw data -> the pipeline and gate."""
+    env = project_env(session)
+    state = ROOT / "data" / "retrain.json"
+    before = state.read_bytes() if state.exists() else None
+    run(session, "python", "-m", f"{PACKAGE}.retrain", *session.posargs, env=env)
+    if "--dry-run" in session.posargs or (state.read_bytes() if state.exists() else None) == before:
+        return  # nothing added: the pipeline is not rerun
+    run(session, "dvc", "repro", env=env)
+    _show_metrics(session)
+
+
+@nox.session(default=False)
+def rollback(session: nox.Session) -> None:
+    """Move `champion` back to the previous champion, then ship it as `deploy` does."""
+    env = _serving_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.registry", "rollback", env=env)
+    run(session, "python", "-m", f"{PACKAGE}.deploy", "deploy", env=env)
+    session.log("restart the service (`nox -s serve`) to serve the rolled-back model")
+
+
+# --- CI helpers: what the pipelines (.github/, .gitlab-ci.yml, Jenkinsfile) need besides the
+# sessions above, kept here so that no pipeline carries logic of its own.
+MONITOR_RESULT = ROOT / "reports" / "monitoring" / "latest" / "result.json"
+RETRAIN_ON = ("drift", "degraded")  # monitoring statuses that start the training pipeline
+
+
+@nox.session(name="check-pipeline", default=False)
+def check_pipeline(session: nox.Session) -> None:
+    """Quick DVC pipeline check: dvc.yaml and params parse, the stages' status (no data needed)."""
+    run(session, "dvc", "status", env=project_env(session))
+
+
+@nox.session(default=False)
+def metrics(session: nox.Session) -> None:
+    """The test metrics and the gate decision as Markdown, appended to `-- FILE` (else printed)."""
+    paths = [ROOT / "metrics" / "evaluate.json", ROOT / "metrics" / "gate.json"]
+    if missing := [p.relative_to(ROOT).as_posix() for p in paths if not p.exists()]:
+        session.error(f"no {', '.join(missing)}: run `nox -s train` first")
+    values, gate = (json.loads(p.read_text(encoding="utf-8")) for p in paths)
+    rows = [f"| {k} | {v:.4f} |" for k, v in values.items() if isinstance(v, int | float)]
+    text = "\n".join(
+        [
+            "### Training",
+            f"**Gate: {gate['decision']}** ({gate['reason']})",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *rows,
+            "",
+        ]
+    )
+    _write_or_print(session, session.posargs, text)
+
+
+@nox.session(name="retrain-check", default=False)
+def retrain_check(session: nox.Session) -> None:
+    """Whether the latest monitoring report asks for retraining (drift or degraded).
+
+    `-- --output FILE` appends `status=...` and `retrain=true|false` (GitHub step outputs,
+    GitLab dotenv); `--summary FILE` appends a Markdown line; `--fail-when-due` fails the
+    session when retraining is due (for CI systems that branch on a job's failure).
+    """
+    parser = argparse.ArgumentParser(prog="nox -s retrain-check --")
+    parser.add_argument("--output", help="append status=... and retrain=... lines here")
+    parser.add_argument("--summary", help="append a Markdown line here")
+    parser.add_argument("--fail-when-due", action="store_true", help="fail when retraining is due")
+    args = parser.parse_args(session.posargs)
+    try:
+        status = json.loads(MONITOR_RESULT.read_text(encoding="utf-8"))["status"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        session.error(f"no monitoring status in {MONITOR_RESULT.relative_to(ROOT)}: {error}")
+    due = status in RETRAIN_ON
+    session.log(f"monitoring status: {status}; retraining {'due' if due else 'not due'}")
+    if args.output:
+        _write_or_print(session, [args.output], f"status={status}\nretrain={str(due).lower()}\n")
+    if args.summary:
+        verdict = "retraining started" if due else "no retraining"
+        _write_or_print(session, [args.summary], f"### Monitoring\n**{status}**: {verdict}\n")
+    if due and args.fail_when_due:
+        session.error(f"retraining due: monitoring found {status}")
+
+
+def _write_or_print(session: nox.Session, posargs: list[str], text: str) -> None:
+    """Append ``text`` to the file named in ``posargs`` (CI summaries and outputs), else print."""
+    if not posargs:
+        print(text)
+        return
+    with Path(posargs[0]).open("a", encoding="utf-8") as out:
+        out.write(text)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from e2e import FAKE_SECRETS, Project
-from helpers import render
+from helpers import npm_tools, render
 
 TEMPLATE = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,15 @@ def render_project(tmp_path: Path) -> Render:
         return render(tmp_path / f"project{count}", tasks=tasks, pretend=pretend, **answers)
 
     return _render
+
+
+@pytest.fixture(scope="session")
+def npm_bin() -> Path:
+    """Folder of the npm linters (gitlab-ci-local, npm-groovy-lint), installed once."""
+    bin_dir = npm_tools()
+    if bin_dir is None:
+        pytest.skip("npm is not installed: gitlab-ci-local and npm-groovy-lint cannot run")
+    return bin_dir
 
 
 @pytest.fixture(scope="session")

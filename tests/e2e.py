@@ -77,6 +77,9 @@ class Project:
         self.env.pop("MLFLOW_TRACKING_URI", None)
         # Set by nox for its own session (pytest's): uv would warn that it is not this project's.
         self.env.pop("VIRTUAL_ENV", None)
+        # Also nox's: its uv environments set UV_PYTHON to themselves, which the project's
+        # noxfile would take for the Python version CI asks for.
+        self.env.pop("UV_PYTHON", None)
 
     @property
     def python(self) -> str:

@@ -38,6 +38,28 @@ def torch_source_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {"TORCH_INDEX_URL": CPU_INDEX}
 
 
+# npm linters of the generated pipelines, installed on first use into a cache folder. Pinned:
+# gitlab-ci-local 4.74+ and npm-groovy-lint 17+ need Node 22; Node 20 is what CI images carry.
+NPM_TOOLS = ("gitlab-ci-local@4.73", "npm-groovy-lint@16.2")
+
+
+def npm_tools(cache: Path | None = None) -> Path | None:
+    """The bin folder holding NPM_TOOLS (installed there now if missing); None without npm."""
+    npm = shutil.which("npm")
+    if npm is None:
+        return None
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    prefix = cache or base / "mlops-template" / "npm"
+    bin_dir = prefix / "node_modules" / ".bin"
+    stamp = prefix / "installed.txt"  # what was installed: a new pin reinstalls
+    if not stamp.exists() or stamp.read_text() != " ".join(NPM_TOOLS):
+        prefix.mkdir(parents=True, exist_ok=True)
+        command = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", *NPM_TOOLS]
+        subprocess.run(command, check=True, capture_output=True, stdin=subprocess.DEVNULL)
+        stamp.write_text(" ".join(NPM_TOOLS))
+    return bin_dir
+
+
 def render(dst: Path, *, tasks: bool = False, pretend: bool = False, **answers: Any) -> Path:
     """Render the template's working tree (uncommitted changes included) into ``dst``.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import yaml
@@ -38,12 +40,86 @@ def test_post_copy_tasks_leave_a_clean_repo_with_the_data_tracked_by_dvc(pristin
     assert project.run("git", "rev-list", "--count", "HEAD").stdout.strip() == "1"
 
 
-def test_project_lint_and_unit_tests_pass(pristine: Project) -> None:
-    result = pristine.nox("lint", "test", "--", "-rA")
+def test_project_lint_and_unit_tests_pass_in_gitlab_ci(
+    pristine: Project, npm_bin: Path, tmp_path: Path
+) -> None:
+    """The generated .gitlab-ci.yml's lint and test jobs, run by gitlab-ci-local (shell executor).
+
+    They share the installed environment through UV_PROJECT_ENVIRONMENT, as a CI cache would;
+    the test job's JUnit and coverage reports are read back.
+    """
+    project = pristine.copy(tmp_path / "gitlab")
+    # gitlab-ci-local reads the remote's default branch (CI_DEFAULT_BRANCH, `changes:` rules).
+    project.run("git", "remote", "add", "origin", "https://gitlab.example.com/team/project.git")
+    project.run("git", "update-ref", "refs/remotes/origin/main", "HEAD")
+    project.run("git", "symbolic-ref", "refs/remotes/origin/HEAD", "refs/remotes/origin/main")
+    python = yaml.safe_load((project.path / ".gitlab-ci.yml").read_text())["variables"]["UV_PYTHON"]
+    passed = ("UV_PROJECT_ENVIRONMENT", "TORCH_FIND_LINKS", "TORCH_INDEX_URL")
+    variables = {k: project.env[k] for k in passed if project.env.get(k)}
+    variables["UV_PYTHON_DOWNLOADS"] = "never"
+    jobs = ["lint", f"test: [{python}]"]
+    result = project.run(
+        str(npm_bin / "gitlab-ci-local"),
+        "--force-shell-executor",  # the jobs' image: this machine itself
+        *(f"--variable={k}={v}" for k, v in variables.items()),
+        *jobs,
+        check=False,
+    )
     output = result.stdout + result.stderr
-    assert " passed" in output
+    assert result.returncode == 0, output[-4000:]
+    assert re.search(r"PASS\s+lint", output)
+    assert re.search(rf"PASS\s+test: \[{re.escape(python)}\]", output)
+    # The shell executor runs the jobs in the project folder: their reports are there.
+    reports = project.path / "reports"
+    suite = ElementTree.parse(reports / "junit.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) > 50
+    assert int(suite.get("failures")) == int(suite.get("errors")) == 0
     # The data is there in a fresh copy: the check of the real CSV runs rather than skips.
-    assert "PASSED tests/test_data.py::test_project_raw_data_is_valid" in output
+    case = suite.find("testcase[@name='test_project_raw_data_is_valid']")
+    assert case is not None
+    assert case.find("skipped") is None
+    coverage = ElementTree.parse(reports / "coverage.xml").getroot()
+    assert float(coverage.get("line-rate")) > 0.5
+
+
+@pytest.mark.parametrize(
+    ("status", "due"),
+    [("drift", True), ("degraded", True), ("healthy", False), ("insufficient_data", False)],
+)
+def test_retrain_check_reads_the_monitoring_status(
+    pristine: Project, tmp_path: Path, status: str, due: bool
+) -> None:
+    """What the CI monitor jobs branch on: step outputs / dotenv lines, and a failure when due."""
+    project = pristine.copy(tmp_path / "monitor")
+    latest = project.path / "reports" / "monitoring" / "latest"
+    latest.mkdir(parents=True)
+    (latest / "result.json").write_text(json.dumps({"status": status}))
+    out = tmp_path / "out.env"
+    project.nox("retrain-check", "--", "--output", str(out))
+    lines = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert lines == {"status": status, "retrain": str(due).lower()}
+    failed = project.nox("retrain-check", "--", "--fail-when-due", check=False)
+    assert (failed.returncode != 0) == due
+    if due:
+        assert f"retraining due: monitoring found {status}" in failed.stdout + failed.stderr
+
+
+def test_retrain_check_without_a_report_fails_in_one_line(pristine: Project, tmp_path) -> None:
+    project = pristine.copy(tmp_path / "no-report")
+    result = project.nox("retrain-check", check=False)
+    assert result.returncode != 0
+    assert "no monitoring status in reports/monitoring/latest/result.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_metrics_session_writes_the_gate_decision(trained: Project, tmp_path: Path) -> None:
+    summary = tmp_path / "summary.md"
+    trained.nox("metrics", "--", str(summary))
+    text = summary.read_text()
+    gate = trained.json("metrics/gate.json")
+    assert f"**Gate: {gate['decision']}**" in text
+    accuracy = trained.json("metrics/evaluate.json")["accuracy"]
+    assert f"| accuracy | {accuracy:.4f} |" in text
 
 
 def test_train_registers_a_champion_that_beats_the_baseline(trained: Project) -> None:

@@ -11,10 +11,12 @@ import http.client
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 from e2e import Project, free_port
 
 pytestmark = pytest.mark.e2e
@@ -159,6 +163,45 @@ def test_second_deploy_reuses_the_bento(server: Server) -> None:
         BENTOML_HOME=str(server.project.path / ".bentoml"),
     ).stdout  # fmt: skip
     assert len(json.loads(listed)) == 1
+
+
+def test_deploy_writes_a_valid_sbom_of_the_locked_packages(server: Server) -> None:
+    project = server.project
+    sboms = list((project.path / "build" / "sbom").glob("*.cdx.json"))
+    assert len(sboms) == 1, sboms
+    text = sboms[0].read_text()
+    assert JsonStrictValidator(SchemaVersion.V1_5).validate_str(text) is None
+    bom = json.loads(text)
+    tag = next(p["value"] for p in bom["metadata"]["properties"] if p["name"] == "bentoml:bento")
+    assert sboms[0].name == tag.replace(":", "-") + ".cdx.json"
+    lock = tomllib.loads((project.path / "uv.lock").read_text())["package"]
+    locked = {p["name"]: p["version"] for p in lock}
+    listed = {c["name"]: c["version"] for c in bom["components"]}
+    for name in ("torch", "bentoml", "mlflow", "pandas"):
+        assert listed[name] == locked[name], name
+    # nvidia-ml-py is BentoML's own (pure Python); the CUDA build's wheels are not shipped.
+    cuda = [n for n in listed if n == "triton" or n.startswith(("nvidia-cu", "nvidia-nccl"))]
+    assert not cuda, "a CPU Bento ships no CUDA wheels"
+    assert "pytest" not in listed, "dev tools are not shipped"
+
+
+def engine_running() -> bool:
+    """Whether docker or podman answers (as deploy.py checks before containerizing)."""
+    for engine in filter(shutil.which, ("docker", "podman")):
+        if subprocess.run([engine, "info"], capture_output=True, timeout=60).returncode == 0:
+            return True
+    return False
+
+
+def test_containerize_without_an_engine_says_so_and_still_writes_the_sbom(server) -> None:
+    if engine_running():
+        pytest.skip("a container engine runs here: the image would be built")
+    sboms = server.project.path / "build" / "sbom"
+    shutil.rmtree(sboms)
+    result = server.project.nox("deploy", "--", "--containerize", check=False)
+    assert result.returncode != 0
+    assert "no container engine (docker or podman) is running here" in result.stdout + result.stderr
+    assert len(list(sboms.glob("*.cdx.json"))) == 1
 
 
 def test_test_split_answers_match_the_champion(server: Server, test_rows) -> None:

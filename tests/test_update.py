@@ -70,14 +70,14 @@ def _replace(path: Path, old: str, new: str) -> None:
 def releases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A template repository with two tagged releases: OLD (edited back) and NEW (this tree)."""
     repo = tmp_path_factory.mktemp("template") / "mlops-template"
-    keep = ["copier.yml", "template", "hooks", "licenses"]
     repo.mkdir()
-    for name in keep:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, repo / name)
+    # What git would version in this working tree (the test renders uncommitted work too),
+    # less the committed example.
+    listed = git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    for rel in listed.split("\0"):
+        if rel and not rel.startswith("generated-example/") and (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
     git(repo, "init", "-q")
     git(repo, "config", "user.name", "Release Bot")
     git(repo, "config", "user.email", "release@example.com")

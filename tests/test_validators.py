@@ -35,6 +35,11 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"dvc_remote": "../a,b"}, "dvc_remote", "must not contain whitespace, quotes, ','"),
     ({"mlflow_tracking_uri": "ftp://x"}, "mlflow_tracking_uri", "is not supported"),
     ({"mlflow_tracking_uri": "mlflow.db"}, "mlflow_tracking_uri", "is not supported"),
+    ({"gpu_runner_label": "my gpu"}, "gpu_runner_label", 'Runner label "my gpu" is invalid'),
+    ({"gpu_runner_label": "-gpu"}, "gpu_runner_label", "starting with a letter or digit"),
+    ({"gpu_runner_label": "ubuntu-latest"}, "gpu_runner_label", "names a runner every job may get"),
+    ({"mlflow_tracking_uri": "https://u:pw@h"}, "mlflow_tracking_uri", "holds a password"),
+    ({"dvc_remote": "s3://key:secret@bucket/p"}, "dvc_remote", "holds a password"),
 ]
 # Choice questions: copier itself refuses what is not a choice.
 INVALID_CHOICES: list[tuple[dict[str, Any], str, str]] = [
@@ -58,6 +63,8 @@ VALID: list[dict[str, Any]] = [
     {"ci_providers": []},
     {"description": ""},
     *({"license": license} for license in ("MIT", "Apache-2.0", "BSD-3-Clause", "proprietary")),
+    {"gpu_runner_label": "a100-80gb"},
+    {"gpu_runner_label": "gpu.l4_x2"},
 ]
 
 

@@ -60,6 +60,8 @@ def test_shipped_params_are_valid(template_params: dict[str, Any]) -> None:
         ("evaluate", "promotion_margin", "a lot", "evaluate.promotion_margin: Input should"),
         ("evaluate", "min_score", 2, "evaluate.min_score: Input should be less than or equal to 1"),
         ("mlflow", "model_name", "", "mlflow.model_name: String should have at least 1 char"),
+        # pragma: allowlist nextline secret
+        ("mlflow", "tracking_uri", "https://u:pw@mlflow.example", "'https://u:***@mlflow.ex"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_valid(
@@ -69,6 +71,19 @@ def test_bad_values_name_key_value_and_what_is_valid(
         parse_params(with_change(template_params, section, key, value))
     assert message in str(info.value)
     assert ", not " in str(info.value) or "training rows" in message  # the value found
+
+
+def test_a_tracking_uri_with_a_password_is_refused_without_echoing_it(
+    template_params: dict[str, Any],
+) -> None:
+    # params.yaml is committed and logged to MLflow: credentials come from the environment.
+    uri = "https://mlflow:s3cr3t-Pw@mlflow.example/api"  # pragma: allowlist secret
+    with pytest.raises(ProjectError, match="holds a password") as info:
+        parse_params(with_change(template_params, "mlflow", "tracking_uri", uri))
+    assert "MLFLOW_TRACKING_PASSWORD" in str(info.value)
+    assert "s3cr3t-Pw" not in str(info.value)
+    user_only = "postgresql://mlflow@db/mlflow"
+    assert parse_params(with_change(template_params, "mlflow", "tracking_uri", user_only))
 
 
 def test_numbers_written_the_yaml_1_1_way_are_accepted(template_params: dict[str, Any]) -> None:

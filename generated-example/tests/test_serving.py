@@ -11,7 +11,14 @@ from pydantic import TypeAdapter, ValidationError
 
 from my_ml_project.features import FeatureSpec
 from my_ml_project.predlog import PredictionLog
-from my_ml_project.serving import Batcher, ServeSettings, rows_type
+from my_ml_project.serving import (
+    Batcher,
+    FeedbackError,
+    RecentRequests,
+    ServeSettings,
+    feedback_labels,
+    rows_type,
+)
 
 SPEC = FeatureSpec.build(
     ["size", "member", "plan"],
@@ -131,3 +138,40 @@ def test_batcher_bounds_a_call_and_fails_only_the_bad_request() -> None:
     assert isinstance(answers[1], ValueError)
     labels = [a[0] for a in (answers[0], answers[2], answers[3])]
     assert labels == [["label-1"], ["label-2", "label-3"], ["label-4"]]
+
+
+@pytest.mark.parametrize(
+    ("labels", "rows", "status", "message"),
+    [
+        (["pro"], None, 404, "unknown request_id"),
+        (["pro"], 2, 422, "1 given, the request had 2 rows"),
+        (["pro", "gold"], 2, 422, "unknown classes gold"),
+    ],
+)
+def test_feedback_is_refused_with_the_reason(labels, rows, status, message) -> None:
+    with pytest.raises(FeedbackError, match=message) as error:
+        feedback_labels(labels, rows, ["basic", "pro"])
+    assert error.value.status == status
+
+
+def test_feedback_labels_are_the_model_s_class_names() -> None:
+    assert feedback_labels([1, " pro"], 2, ["1", "pro"]) == ["1", "pro"]
+
+
+def test_recent_requests_keep_the_newest() -> None:
+    recent = RecentRequests(size=2)
+    for i in range(3):
+        recent.add(str(i), i + 1)
+    assert (recent.get("0"), recent.get("1"), recent.get("2")) == (None, 2, 3)
+
+
+def test_log_records_rows_in_order_with_the_shadow_and_text_categories(tmp_path) -> None:
+    log = PredictionLog(tmp_path, categorical=["plan"], flush_s=60)
+    shadow = ("4", [{"label": "b", "probabilities": {}}] * 2)
+    log.record("r" * 32, "3", [{**ROW, "plan": 7}, ROW], [{"label": "a"}] * 2, shadow)
+    log.close()
+    lines = next(tmp_path.glob("date=*/predictions-*.jsonl")).read_text().splitlines()
+    first, second = (json.loads(line) for line in lines)
+    assert (first["row"], second["row"]) == (0, 1)
+    assert first["inputs"]["plan"] == "7"
+    assert first["shadow"] == {"model_version": "4", "label": "b", "probabilities": {}}

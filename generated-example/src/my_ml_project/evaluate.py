@@ -330,7 +330,7 @@ def apply_decision(d: Decision) -> str:
     """Move the aliases of a valid candidate; return the one-line summary."""
     name, version = d.model_name, d.candidate_version
     if d.decision == "promoted":
-        registry.set_alias(name, registry.CHAMPION, version)
+        registry.promote(name, version)
         if registry.get_alias_version(name, registry.CHALLENGER) == version:
             registry.delete_alias(name, registry.CHALLENGER)
         before = d.champion_version

@@ -3,12 +3,14 @@
 CLI: ``python -m <package>.registry init`` creates the tracking store (run it once, before any
 parallel work: several processes creating a fresh SQLite store at once crash), ``... uri`` prints
 the resolved tracking URI (for ``mlflow ui --backend-store-uri``), ``... unlock`` removes a
-promotion lock left by an evaluation that was killed.
+promotion lock left by an evaluation that was killed, ``... rollback`` moves ``champion`` back to
+the previous champion (``nox -s rollback``).
 
 The registry works with aliases, never with the deprecated stages: ``champion`` is the version to
 serve, ``challenger`` the latest valid candidate that lost the comparison. Aliases move only
 under the promotion lock (:func:`promotion_lock`), so two evaluations on one tracking server
-(two CI branches) decide one after the other.
+(two CI branches) decide one after the other. Every promotion is recorded in the registered
+model's tag ``champion.history`` (the champions' versions, oldest first), which rollback walks back.
 
 Every other module reaches MLflow through this one (and :mod:`.tracking`).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -41,6 +44,8 @@ MODEL_ARTIFACT = "model"
 ARTIFACT_DIR = "mlartifacts"
 _SQLITE = "sqlite:///"
 LOCK_SUFFIX = ".promotion-lock"
+HISTORY_TAG = "champion.history"
+HISTORY_MAX = 100  # versions kept (a tag value holds at most 5000 characters)
 # How long an evaluation waits for another one's promotion (seconds), and the age after which a
 # lock is taken for the leftover of a killed evaluation (then the gate stops and says how to
 # remove it: breaking a lock automatically could let two evaluations in at once).
@@ -127,7 +132,8 @@ def configure(params: MlflowParams) -> str:
                 raise
     elif experiment.lifecycle_stage == "deleted":
         raise ProjectError(
-            f"MLflow experiment '{name}' (id {experiment.experiment_id}) is deleted in {uri}: "
+            f"MLflow experiment '{name}' (id {experiment.experiment_id}) is deleted in "
+            f"{portable_uri(uri)}: "
             f"restore it (mlflow experiments restore --experiment-id {experiment.experiment_id}) "
             "or set another mlflow.experiment in params.yaml"
         )
@@ -268,7 +274,8 @@ def open_run(
         try:
             run = mlflow.start_run(run_id=run_id)
         except MlflowException:
-            print(f"note: MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; new run")
+            where = portable_uri(mlflow.get_tracking_uri())
+            print(f"note: MLflow run {run_id} is not in {where}; new run")
     logged: set[int] = set()
     if run is None:
         run = mlflow.start_run()
@@ -412,11 +419,15 @@ def load_version(model_name: str, version: str) -> TabularClassifier:
 
 
 def version_details(model_name: str, version: str) -> dict[str, Any]:
-    """A version's run id and tags (git commit, data hashes), for whoever ships it."""
+    """A version's run id, tags (git commit, data hashes) and test metrics (``accuracy``, ...,
+    as the evaluate stage logged them), for whoever ships it."""
     from mlflow import MlflowClient
 
-    found = MlflowClient().get_model_version(model_name, str(version))
-    return {"run_id": found.run_id, "tags": dict(found.tags)}
+    client = MlflowClient()
+    found = client.get_model_version(model_name, str(version))
+    metrics = client.get_run(found.run_id).data.metrics if found.run_id else {}
+    test = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")}
+    return {"run_id": found.run_id, "tags": dict(found.tags), "test_metrics": test}
 
 
 def _is_pytorch_flavour(root: str) -> bool:
@@ -523,6 +534,83 @@ def _lock_holder(client: Any, lock: str) -> tuple[str, float] | None:
     return tags.get("owner", "unknown"), age
 
 
+def champion_history(model_name: str) -> list[str]:
+    """The versions that were champion, oldest first (the registered model's tag)."""
+    from mlflow import MlflowClient
+
+    raw = MlflowClient().get_registered_model(model_name).tags.get(HISTORY_TAG, "[]")
+    try:
+        history = json.loads(raw)
+    except ValueError:
+        return []
+    return [str(v) for v in history] if isinstance(history, list) else []
+
+
+def _write_history(model_name: str, history: list[str]) -> None:
+    from mlflow import MlflowClient
+
+    value = json.dumps(history[-HISTORY_MAX:])
+    MlflowClient().set_registered_model_tag(model_name, HISTORY_TAG, value)
+
+
+def promote(model_name: str, version: str) -> None:
+    """Make ``version`` the champion and record it in the history (under the promotion lock).
+
+    The history is written first: a crash in between leaves an entry newer than the alias,
+    which :func:`rollback` ignores.
+    """
+    history = champion_history(model_name)
+    current = get_alias_version(model_name, CHAMPION)
+    for entry in (current, str(version)):  # the current one: champions from before the history
+        if entry is not None and (not history or history[-1] != entry):
+            history.append(entry)
+    _write_history(model_name, history)
+    set_alias(model_name, CHAMPION, version)
+
+
+def rollback(model_name: str) -> tuple[str, str]:
+    """Move ``champion`` back to the previous champion; (from, to) versions.
+
+    Fails closed: with no champion, no earlier one on record, or an earlier one that cannot be
+    loaded, nothing moves (RegistryError, the reason in one line).
+    """
+    with promotion_lock(model_name):
+        current = get_alias_version(model_name, CHAMPION)
+        if current is None:
+            raise RegistryError(f"'{model_name}' has no champion: nothing to roll back")
+        history = champion_history(model_name)
+        if current in history:  # entries after it: a promotion that did not finish
+            history = history[: len(history) - history[::-1].index(current)]
+        else:
+            history.append(current)
+        if len(history) < 2:
+            raise RegistryError(
+                f"nothing to roll back to: v{current} is the only champion of '{model_name}' "
+                "on record"
+            )
+        target = history[-2]
+        try:
+            load_version(model_name, target)
+        except Exception as exc:
+            raise RegistryError(
+                f"v{target}, the previous champion, cannot be loaded ({_first_line(exc)}): "
+                f"champion v{current} unchanged"
+            ) from None
+        _write_history(model_name, history[:-1])
+        set_alias(model_name, CHAMPION, target)
+        if get_alias_version(model_name, CHALLENGER) == target:
+            delete_alias(model_name, CHALLENGER)
+        set_version_tags(
+            model_name, current, {"rolled_back": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        )
+    return current, target
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
 def unlock(model_name: str) -> bool:
     """Remove a promotion lock left by a killed evaluation; whether there was one."""
     from mlflow import MlflowClient
@@ -542,8 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="registry", description=__doc__.splitlines()[0])
     parser.add_argument(
         "command",
-        choices=["init", "uri", "unlock"],
-        help="init: create the store; uri: print it; unlock: remove a leftover promotion lock",
+        choices=["init", "uri", "unlock", "rollback"],
+        help="init: create the store; uri: print it; unlock: remove a leftover promotion lock; "
+        "rollback: champion back to the previous champion",
     )
     args = parser.parse_args(argv)
     params = load_params().mlflow
@@ -554,6 +643,18 @@ def main(argv: list[str] | None = None) -> int:
         configure(params)
         removed = unlock(params.model_name)
         print(f"promotion lock of '{params.model_name}' {'removed' if removed else 'not held'}")
+        return 0
+    elif args.command == "rollback":
+        configure(params)
+        try:
+            before, after = rollback(params.model_name)
+        except RegistryError:
+            raise
+        except Exception as exc:  # the store down, credentials refused: nothing moved
+            raise RegistryError(
+                f"rollback not done, the registry failed: {_first_line(exc)}"
+            ) from None
+        print(f"ROLLED BACK: '{params.model_name}' champion v{before} -> v{after}")
         return 0
     print(uri)
     return 0

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
 
-from .features import BOOLEAN, CATEGORICAL, IMPUTE, FeatureSpec
+from .features import BOOLEAN, CATEGORICAL, IMPUTE, FeatureSpec, category_label
 
 # Routes that answer without the token: probes and Prometheus must work without secrets.
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
@@ -93,6 +94,56 @@ def rows_type(spec: FeatureSpec, max_rows: int) -> Any:
     row = row_model(spec)
     # A model made at run time, which no static type describes.
     return Annotated[list[row], Field(min_length=1, max_length=max_rows)]  # type: ignore[valid-type]
+
+
+# Request ids are uuid4 hex strings (what /predict answers in the X-Request-ID header).
+RequestId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+
+
+def labels_type(max_rows: int) -> Any:
+    """The type of feedback's ``labels``: 1 to ``max_rows`` class labels."""
+    return Annotated[list[Label], Field(min_length=1, max_length=max_rows)]
+
+
+class FeedbackError(ValueError):
+    """Feedback that cannot be recorded; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def feedback_labels(labels: Sequence[Any], rows: int | None, classes: Sequence[str]) -> list[str]:
+    """The true classes as the model names them; FeedbackError for an unknown request (404), a
+    count that is not the request's row count, or a class the model does not know (422)."""
+    if not rows:
+        raise FeedbackError(404, "unknown request_id: send the X-Request-ID of a /predict answer")
+    if len(labels) != rows:
+        raise FeedbackError(422, f"labels: {len(labels)} given, the request had {rows} rows")
+    true = [category_label(label) for label in labels]
+    unknown = sorted({str(t) for t in true if t not in classes})
+    if unknown:
+        raise FeedbackError(
+            422,
+            f"labels: unknown classes {', '.join(unknown)}; the model knows {', '.join(classes)}",
+        )
+    return [str(t) for t in true]
+
+
+class RecentRequests:
+    """The ids this worker answered lately and their row counts (the newest ``size``)."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.size = size
+        self._rows: OrderedDict[str, int] = OrderedDict()
+
+    def add(self, request_id: str, rows: int) -> None:
+        self._rows[request_id] = rows
+        if len(self._rows) > self.size:
+            self._rows.popitem(last=False)
+
+    def get(self, request_id: str) -> int | None:
+        return self._rows.get(request_id)
 
 
 def predictions(labels: list[str], proba: list[list[float]], classes: list[str]) -> list[dict]:

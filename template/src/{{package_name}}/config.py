@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -145,10 +146,47 @@ class EvaluateParams(Section):
     promotion_margin: Unit = 0.0
 
 
+class ServeParams(Section):
+    # Shadow scoring: the service also scores the `challenger` (when `nox -s deploy` finds one)
+    # after answering, and logs its answers beside the champion's; clients see the champion's.
+    shadow: StrictBool = False
+
+
+class MonitorParams(Section):
+    # The window `nox -s monitor` reads by default: the log's last N days (UTC).
+    window_days: Annotated[StrictInt, Field(ge=1)] = 7
+    # Fewer rows than this in the window: status insufficient_data (drift tests mean little).
+    min_rows: Annotated[StrictInt, Field(ge=1)] = 50
+    # Status drift when at least this share of the features drift (Evidently's drift share).
+    drift_share: Annotated[Number, Field(gt=0, le=1)] = 0.3
+    # Drift threshold of every feature's test (p-value for K-S / chi-square / Z-test, distance
+    # for Wasserstein / Jensen-Shannon: Evidently picks the test by column kind and row count);
+    # null = Evidently's default for that test. Per feature: {column: threshold}.
+    drift_threshold: Annotated[Number, Field(gt=0, le=1)] | None = None
+    feature_thresholds: dict[Text, Annotated[Number, Field(gt=0, le=1)]] = {}
+    # Ground truth: at least this many labelled rows of a model version before its accuracy and
+    # F1 are judged; status degraded when either falls more than this below its test value.
+    min_labelled_rows: Annotated[StrictInt, Field(ge=1)] = 30
+    max_accuracy_drop: Unit = 0.05
+    max_f1_drop: Unit = 0.05
+
+
 class MlflowParams(Section):
     tracking_uri: Text
     experiment: Text
     model_name: Text
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        # params.yaml is committed and every value is logged as an MLflow param.
+        if re.match(r"[^:/]+://[^/@:]*:[^/@]*@", value):
+            raise ValueError(
+                "holds a password (user:password@): set MLFLOW_TRACKING_URI, or "
+                "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN, "
+                "in the environment instead"
+            )
+        return value
 
 
 class Params(Section):
@@ -161,6 +199,8 @@ class Params(Section):
     train: TrainParams
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams
+    serve: ServeParams = ServeParams()
+    monitor: MonitorParams = MonitorParams()
 
     def flat(self) -> dict[str, str]:
         """``{"train.lr": "0.001", ...}``: every value as a string, for MLflow params."""
@@ -202,7 +242,9 @@ def _describe(error: ErrorDetails) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if kind == "bool_type":
         message = "expected true or false (unquoted)"
-    return f"{key}: {message}, not {error['input']!r}"
+    # The value found, less any password in a URI: error messages end up in CI logs.
+    found = re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", repr(error["input"]))
+    return f"{key}: {message}, not {found}"
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -2,10 +2,13 @@
 
 ``deploy [--version N | --alias A] [--containerize]``: import the version (default: the
 ``champion``) into BentoML's model store, with the registry name and version, the MLflow run id,
-the git commit and the data hashes as metadata; build the Bento (the service's modules only;
-Python packages from uv.lock, never locked again at build time); start it on a free loopback port,
-check its answers on the test split against the model's own; print the Bento tag. A version
-already imported and a Bento of the same sources are reused: nothing is rebuilt.
+the git commit, the data hashes and the test metrics as metadata (with ``serve.shadow: true`` in
+params.yaml, the ``challenger`` too, as the shadow model); build the Bento (the service's modules
+only; Python packages from uv.lock, never locked again at build time); start it on a free
+loopback port, check its answers on the test split against the model's own; write a CycloneDX
+SBOM of the Python packages it ships (``build/sbom/<bento>-<version>.cdx.json``); print the
+Bento tag. A version already imported and a Bento of the same sources are reused: nothing is
+rebuilt.
 
 ``serve [--host H] [--port P] [--reload]``: the latest Bento in the foreground (``--reload``:
 the service from the source tree, restarted on edits).
@@ -40,9 +43,11 @@ SERVICE_MODULES = (
     "__init__.py", "config.py", "features.py", "fileio.py", "model.py",
     "predlog.py", "serving.py", "service.py",
 )  # fmt: skip
+DEPLOYMENT = "deployment.json"  # the served and shadow model tags, read by service.py
 PYTORCH_INDEX = "https://download.pytorch.org/whl/{}"
 CUDA_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04"
 SRC = Path("src")
+SBOM_DIR = Path("build/sbom")  # what CI publishes beside the image
 
 
 class DeployError(ProjectError):
@@ -63,7 +68,8 @@ def import_model(name: str, selector: dict[str, str]) -> Any:
     details = registry.version_details(name, version)
     for model in _listed(bentoml.models.list):
         meta = model.info.metadata
-        if (meta.get("registry_version"), meta.get("run_id")) == (version, details["run_id"]):
+        same = (meta.get("registry_version"), meta.get("run_id")) == (version, details["run_id"])
+        if same and "test_metrics" in meta:  # imported before test metrics were kept: again
             return model
     model = registry.load_version(name, version)
     tags = details["tags"]
@@ -73,11 +79,24 @@ def import_model(name: str, selector: dict[str, str]) -> Any:
         "run_id": details["run_id"],
         "git_commit": tags.get("git.commit", "unknown"),
         "data_version": {k: v for k, v in tags.items() if k.startswith("data.")},
+        "test_metrics": details["test_metrics"],
         "config": model.config(),
     }
     with bentoml.models.create(MODEL_NAME, metadata=metadata, labels={"stage": "served"}) as bm:
         save_model(model, bm.path_of("model.pt"))
     return bentoml.models.get(bm.tag)
+
+
+def shadow_model(name: str, served: Any) -> Any:
+    """The challenger, imported, to score in the shadow of ``served`` (None: no challenger)."""
+    from . import registry
+
+    version = registry.get_alias_version(name, registry.CHALLENGER)
+    if version is None or version == served.info.metadata["registry_version"]:
+        print("shadow scoring: no challenger to shadow (serve.shadow is on)")
+        return None
+    print(f"shadow scoring: challenger v{version} scores beside the served model")
+    return import_model(name, {"version": version})
 
 
 def _listed(lister: Any) -> list[Any]:
@@ -92,55 +111,108 @@ def _listed(lister: Any) -> list[Any]:
 
 def _requirements(folder: Path) -> Path:
     """requirements.txt from uv.lock (no resolution), torch from the accelerator's index."""
-    out = subprocess.run(
-        ["uv", "export", "--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "--no-header"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    torch = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.__version__.split('+')[0])"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    backend = torch_backend()
-    index = PYTORCH_INDEX.format(backend if backend.startswith("cu") else "cpu")
+    out = _export("--no-hashes", "--no-header")
     path = folder / "bento-requirements.txt"
-    path.write_text(f"--extra-index-url {index}\n{out}torch=={torch}\n", encoding="utf-8")
+    text = f"--extra-index-url {_torch_index()}\n{out}torch=={_torch_version()}\n"
+    path.write_text(text, encoding="utf-8")
     return path
 
 
-def _source_hash(model_tag: str) -> str:
-    digest = hashlib.sha256(model_tag.encode())
+def _torch_version() -> str:
+    """The installed torch's release (2.9.1 of 2.9.1+cpu): what the Bento pins."""
+    return subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.__version__.split('+')[0])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
+def _torch_index() -> str:
+    """The PyTorch wheel index of the accelerator's build (CUDA, else CPU)."""
+    backend = torch_backend()
+    return PYTORCH_INDEX.format(backend if backend.startswith("cu") else "cpu")
+
+
+def _export(*args: str) -> str:
+    """``uv export`` of uv.lock's runtime packages (no resolution, no dev group)."""
+    command = ["uv", "export", "--frozen", "--no-dev", "--no-emit-project", *args]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:  # an old uv without the CycloneDX format, a missing lock
+        said = [line for line in proc.stderr.splitlines() if line.strip()] or ["?"]
+        raise DeployError(f"{' '.join(command[:2])} failed: {said[-1]}")
+    return proc.stdout
+
+
+def write_sbom(bento: Any, folder: Path = SBOM_DIR) -> Path:
+    """A CycloneDX 1.5 SBOM of the Python packages the Bento ships, from uv.lock.
+
+    uv's export of the lock, kept to what the Bento's requirements pin: the runtime packages,
+    and torch at the version pinned, with the build and index it comes from (PyPI's files and
+    hashes for torch are not what ships). The packages torch brings from that index when the
+    image is built are not pinned by the lock, so not listed: scan the image for those.
+    """
+    preview = ("--preview-features", "sbom-export", "--format", "cyclonedx1.5")
+    bom = json.loads(_export(*preview, "--extra", "torch"))
+    pinned = {c["name"] for c in json.loads(_export(*preview))["components"]} | {"torch"}
+    kept = [c for c in bom["components"] if c["name"] in pinned]
+    refs = {c["bom-ref"] for c in kept} | {bom["metadata"]["component"]["bom-ref"]}
+    for component in kept:
+        if component["name"] == "torch":
+            version = _torch_version()
+            component |= {"version": version, "purl": f"pkg:pypi/torch@{version}"}
+            component["externalReferences"] = [{"type": "distribution", "url": _torch_index()}]
+            component["properties"] = [{"name": "torch:backend", "value": torch_backend()}]
+    bom["components"] = kept
+    bom["dependencies"] = [
+        {**d, "dependsOn": [r for r in d.get("dependsOn", []) if r in refs]}
+        for d in bom["dependencies"]
+        if d["ref"] in refs
+    ]
+    bom["metadata"]["properties"] = [{"name": "bentoml:bento", "value": str(bento.tag)}]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{bento.tag.name}-{bento.tag.version}.cdx.json"
+    path.write_text(json.dumps(bom, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _source_hash(models: dict[str, str | None]) -> str:
+    digest = hashlib.sha256(json.dumps(models, sort_keys=True).encode())
     digest.update(torch_backend().encode())
     for name in (*SERVICE_MODULES, "../../uv.lock"):
         digest.update((SRC / PACKAGE / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def build_bento(model: Any) -> Any:
-    """The Bento of the service with ``model`` (an existing one when nothing changed)."""
+def build_bento(model: Any, shadow: Any = None) -> Any:
+    """The Bento of the service with ``model`` (and the ``shadow`` model, scored beside it);
+    an existing one when nothing changed."""
     import bentoml
 
-    source = _source_hash(str(model.tag))
+    models = {"model": str(model.tag), "shadow": str(shadow.tag) if shadow else None}
+    source = _source_hash(models)
     for bento in _listed(bentoml.bentos.list):
         if bento.info.labels.get("source") == source:
             return bento
     cuda = torch_backend().startswith("cu")
     docker: dict[str, Any] = {"env": {"TORCH_BACKEND": torch_backend()}}
     docker |= {"base_image": CUDA_IMAGE} if cuda else {"python_version": _python()}
-    # BentoML reads the file only inside build_ctx: written there for the build, then removed.
+    # BentoML reads these files only inside build_ctx: written there for the build, then removed.
     requirements = _requirements(SRC)
+    deployment = SRC / PACKAGE / DEPLOYMENT
+    deployment.write_text(json.dumps(models, indent=2) + "\n", encoding="utf-8")
     try:
         return bentoml.bentos.build(
             SERVICE,
             name=MODEL_NAME,
-            labels={"source": source, "model": str(model.tag)},
+            labels={"source": source, **{k: v for k, v in models.items() if v}},
             build_ctx=str(SRC),
-            include=[f"{PACKAGE}/{name}" for name in SERVICE_MODULES],
+            include=[f"{PACKAGE}/{name}" for name in (*SERVICE_MODULES, DEPLOYMENT)],
             python={"requirements_txt": requirements.name, "lock_packages": False},
             docker=docker,
-            models=[str(model.tag)],
+            models=[tag for tag in models.values() if tag],
         )
     finally:
         requirements.unlink()
+        deployment.unlink()
 
 
 def _python() -> str:
@@ -257,11 +329,31 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 def containerize(tag: str) -> None:
-    """``bentoml containerize``, where a container engine answers."""
+    """``bentoml containerize``, where a container engine answers.
+
+    With IMAGE_REPOSITORY set (CI: the provider's registry), the image is named
+    ``<repository>:<Bento version>`` and pushed there.
+    """
     engine = next((e for e in ("docker", "podman") if shutil.which(e)), None)
     if engine is None or subprocess.run([engine, "info"], capture_output=True).returncode != 0:
         raise DeployError("no container engine (docker or podman) is running here: image not built")
-    subprocess.run(["bentoml", "containerize", tag, "--backend", engine], check=True)
+    repository = os.environ.get("IMAGE_REPOSITORY", "").strip().lower()  # registries want lowercase
+    named = ["--image-tag", f"{repository}:{tag.partition(':')[2]}"] if repository else []
+    subprocess.run(["bentoml", "containerize", tag, "--backend", engine, *named], check=True)
+    if repository:
+        push_image(engine, named[1])
+
+
+def push_image(engine: str, image: str) -> None:
+    """Push ``image``; write its repository and digest to build/image.env (CI attests them)."""
+    subprocess.run([engine, "push", image], check=True)
+    inspect = [engine, "image", "inspect", "--format", "{{index .RepoDigests 0}}", image]
+    pinned = subprocess.run(inspect, check=True, capture_output=True, text=True).stdout.strip()
+    repository, _, digest = pinned.partition("@")
+    out = Path("build") / "image.env"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"image={repository}\ndigest={digest}\n", encoding="utf-8")
+    print(f"pushed: {repository}@{digest}")
 
 
 def serve(host: str, port: int, reload: bool) -> None:
@@ -298,9 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.host, args.port, args.reload)
         return 0
     selector = {"version": args.version} if args.version else {"alias": args.alias}
-    model = import_model(load_params().mlflow.model_name, selector)
-    bento = build_bento(model)
+    params = load_params()
+    name = params.mlflow.model_name
+    model = import_model(name, selector)
+    shadow = shadow_model(name, model) if params.serve.shadow else None
+    bento = build_bento(model, shadow)
     smoke_test(str(bento.tag))
+    # Before the image: the SBOM is there even where no container engine is.
+    print(f"sbom: {write_sbom(bento)}")
     if args.containerize:
         containerize(str(bento.tag))
     print(f"bento: {bento.tag}")

@@ -2,15 +2,26 @@
 
 ``POST /predict`` ``{"rows": [{feature: value, ...}, ...]}`` -> ``{"model_version",
 "predictions": [{"label", "probabilities": {class: p}}]}`` in row order, through the same
-:func:`~.model.predict_frame` as the pyfunc and the evaluation. The request schema is the
-model's (see :mod:`.serving`), read from the BentoML model's metadata when this module is
-imported. No MLflow here: it would add seconds to start-up.
+:func:`~.model.predict_frame` as the pyfunc and the evaluation; the ``X-Request-ID`` header names
+the answer. ``POST /feedback`` ``{"request_id", "labels": [true class of each row]}`` records the
+ground truth for the monitor. The request schema is the model's (see :mod:`.serving`), read from
+the BentoML model's metadata when this module is imported. No MLflow here: it would add seconds
+to start-up.
+
+Which models: ``deployment.json`` beside this module in the Bento (written by ``nox -s deploy``)
+names the served model and, with ``serve.shadow: true``, the shadow (the challenger), scored
+after the answer is sent and logged beside it. Served from the source tree (``--reload``): the
+newest imported model, no shadow.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import json
+import logging
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bentoml
@@ -20,24 +31,37 @@ import torch
 from .config import ProjectError
 from .features import FeatureSpec
 from .model import load_model, predict_frame
-from .predlog import PredictionLog
+from .predlog import PredictionLog, count_rows
 from .serving import (
     REQUEST_ID,
     Batcher,
+    FeedbackError,
     Guard,
+    RecentRequests,
+    RequestId,
     Scores,
     ServeSettings,
+    feedback_labels,
+    labels_type,
     predictions,
     rows_type,
     torch_backend,
 )
 
+logger = logging.getLogger(__name__)
 GPU = torch_backend().startswith("cu")  # the project's accelerator: a GPU is asked for cuda
 MODEL_NAME = __package__.replace("_", "-")  # the model in BentoML's store (nox -s deploy)
 WEIGHTS = "model.pt"
 
 SETTINGS = ServeSettings.from_env()
-MODEL_REF = bentoml.models.BentoModel(f"{MODEL_NAME}:latest")
+DEPLOYMENT = Path(__file__).with_name("deployment.json")
+MODELS = (
+    json.loads(DEPLOYMENT.read_text(encoding="utf-8"))
+    if DEPLOYMENT.exists()
+    else {"model": f"{MODEL_NAME}:latest", "shadow": None}
+)
+MODEL_REF = bentoml.models.BentoModel(MODELS["model"])
+SHADOW_REF = bentoml.models.BentoModel(MODELS["shadow"]) if MODELS["shadow"] else None
 STORED = MODEL_REF.stored
 if STORED is None:
     raise ProjectError(f"no model {MODEL_NAME} in BentoML's store: run `nox -s deploy` first")
@@ -49,6 +73,15 @@ if TYPE_CHECKING:  # for mypy: the rows' pydantic model is made at run time, fro
     Rows = list[Any]
 else:
     Rows = rows_type(SPEC, SETTINGS.max_rows)
+Labels = labels_type(SETTINGS.max_rows)
+
+
+def model_card(stored: Any) -> dict[str, Any]:
+    """What the prediction log records of a served model (``models/<version>.json``)."""
+    meta = stored.info.metadata
+    keys = ("registry_name", "registry_version", "run_id", "test_metrics", "data_version")
+    card = {key: meta.get(key) for key in keys}
+    return card | {"classes": meta["config"]["class_names"], "bento_model": str(stored.tag)}
 
 
 @bentoml.service(
@@ -65,6 +98,8 @@ class Predictor:
     """Loads the model once; answers rows of raw feature values."""
 
     model_ref = MODEL_REF
+    if SHADOW_REF is not None:
+        shadow_ref = SHADOW_REF
 
     def __init__(self) -> None:
         device = "cuda" if torch_backend() != "cpu" and torch.cuda.is_available() else "cpu"
@@ -75,27 +110,87 @@ class Predictor:
             torch.set_num_threads(1)
         self.model = load_model(STORED.path_of(WEIGHTS)).to(device)
         self.version = str(STORED.info.metadata["registry_version"])
-        self.log = PredictionLog(SETTINGS.log_dir) if SETTINGS.log_enabled else None
+        self.log = None
+        if SETTINGS.log_enabled:
+            self.log = PredictionLog(SETTINGS.log_dir, categorical=SPEC.categorical)
+            self.log.describe(self.version, model_card(STORED))
         # Concurrent requests scored in one model call (about the cost of one request's).
-        self.batcher = Batcher(self._score, max_rows=SETTINGS.max_rows)
-        gc.freeze()  # the model and the imports: out of every later collection
+        self.batcher = Batcher(lambda rows: self._score(self.model, rows), SETTINGS.max_rows)
+        self.recent = RecentRequests()
+        self.shadow = None
+        if SHADOW_REF is not None and SHADOW_REF.stored is not None and self.log is not None:
+            stored = SHADOW_REF.stored
+            self.shadow = load_model(stored.path_of(WEIGHTS)).to(device)
+            self.shadow_version = str(stored.info.metadata["registry_version"])
+            self.shadow_batcher = Batcher(
+                lambda rows: self._score(self.shadow, rows), SETTINGS.max_rows
+            )
+            self.log.describe(self.shadow_version, model_card(stored))
+        self._tasks: set[asyncio.Task] = set()
+        gc.freeze()  # the models and the imports: out of every later collection
 
-    def _score(self, records: list[dict[str, Any]]) -> Scores:
+    @staticmethod
+    def _score(model: Any, records: list[dict[str, Any]]) -> Scores:
         frame = pd.DataFrame(records, columns=list(SPEC.names))
         with torch.inference_mode():
-            out = predict_frame(self.model, frame)
-        return out["label"].tolist(), out[self.model.class_names].to_numpy().tolist()
+            out = predict_frame(model, frame)
+        return out["label"].tolist(), out[model.class_names].to_numpy().tolist()
 
     @bentoml.api
     async def predict(self, rows: Rows, ctx: bentoml.Context) -> dict[str, Any]:
         """Label and class probabilities of each row, in order."""
-        labels, proba = await self.batcher([row.model_dump() for row in rows])
+        records = [row.model_dump() for row in rows]
+        labels, proba = await self.batcher(records)
         answers = predictions(labels, proba, self.model.class_names)
         request_id = uuid.uuid4().hex
         ctx.response.headers[REQUEST_ID] = request_id
-        if self.log is not None:
+        self.recent.add(request_id, len(rows))
+        if self.shadow is not None:
+            # After the answer: the challenger's scores only reach the log, never the client.
+            task = asyncio.get_running_loop().create_task(
+                self._shadow_score(request_id, rows, records, answers)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif self.log is not None:
             self.log.record(request_id, self.version, rows, answers)
         return {"model_version": self.version, "predictions": answers}
+
+    async def _shadow_score(
+        self, request_id: str, rows: Any, records: list[dict[str, Any]], answers: list[dict]
+    ) -> None:
+        await asyncio.sleep(0)  # let the champion's answer go out first
+        assert self.log is not None
+        assert self.shadow is not None
+        try:
+            labels, proba = await self.shadow_batcher(records)
+            shadow = (self.shadow_version, predictions(labels, proba, self.shadow.class_names))
+        except Exception:  # the challenger failing must not lose the champion's record
+            logger.exception("shadow model failed on request %s", request_id)
+            shadow = None
+        self.log.record(request_id, self.version, rows, answers, shadow)
+
+    @bentoml.api
+    async def feedback(
+        self,
+        request_id: RequestId,
+        labels: Labels,  # type: ignore[valid-type]
+        ctx: bentoml.Context,
+    ) -> dict[str, Any]:
+        """Record the true class of each row of an answered request (in its row order)."""
+        if self.log is None:
+            ctx.response.status_code = 409
+            return {"error": "the prediction log is off (PREDICTION_LOG=off): nothing to label"}
+        rows = self.recent.get(request_id)
+        if rows is None:  # answered by another worker, or before a restart: the log knows
+            rows = await asyncio.to_thread(count_rows, SETTINGS.log_dir, request_id)
+        try:
+            true = feedback_labels(labels, rows, self.model.class_names)
+        except FeedbackError as exc:
+            ctx.response.status_code = exc.status
+            return {"error": str(exc)}
+        self.log.feedback(request_id, true)
+        return {"request_id": request_id, "recorded": len(true)}
 
     @bentoml.on_shutdown
     def close_log(self) -> None:

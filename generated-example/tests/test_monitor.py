@@ -1,0 +1,243 @@
+"""Monitoring: the log reader, the gate's decisions, and a real Evidently run on mixed data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from my_ml_project.config import MonitorParams, Params, load_params
+from my_ml_project.data import Schema, load_frame, prepare
+from my_ml_project.fileio import file_md5
+from my_ml_project.monitor import (
+    PREDICTION,
+    MonitorError,
+    Traffic,
+    decide,
+    file_traffic,
+    monitor,
+    parse_time,
+    quality,
+    read_feedback,
+    read_log,
+)
+from my_ml_project.predlog import PredictionLog, count_rows
+from my_ml_project.retrain import RetrainError, check_versioned, csv_lines
+
+PARAMS = MonitorParams(min_rows=20, min_labelled_rows=10)
+
+
+@pytest.fixture
+def mixed(mixed_project: Params) -> Schema:
+    """The mixed project (numbers, a yes/no flag, text categories, gaps), prepared."""
+    prepare(mixed_project)
+    return load_frame("train")[1]
+
+
+def _answers(n: int, label: str = "no") -> list[dict]:
+    return [{"label": label, "probabilities": {"no": 0.9, "yes": 0.1}}] * n
+
+
+def log_rows(folder: Path, frame: pd.DataFrame, schema: Schema, requests: int = 4) -> list[str]:
+    """Log ``frame``'s rows as the service does, in ``requests`` requests; their ids."""
+    log = PredictionLog(folder, categorical=schema.spec.categorical, flush_s=60)
+    rows = frame[schema.features].astype(object).where(frame[schema.features].notna(), None)
+    records = rows.to_dict(orient="records")
+    ids = []
+    for i, chunk in enumerate([records[i::requests] for i in range(requests)]):
+        ids.append(f"{i:032x}")
+        log.record(ids[-1], "1", chunk, _answers(len(chunk)))
+    log.describe("1", {"classes": schema.classes, "test_metrics": {"accuracy": 0.9, "f1": 0.9}})
+    log.close()
+    return ids
+
+
+def _old_day(folder: Path, schema: Schema, day: str, rows: int) -> None:
+    """A day file as the writer leaves it, for days before today."""
+    (folder / f"date={day}").mkdir(parents=True)
+    row = {name: None for name in schema.features}
+    lines = [
+        json.dumps(
+            {
+                "ts": f"{day}T12:00:00.000000+00:00",
+                "request_id": f"old{day}",
+                "row": i,
+                "model_version": "0",
+                "inputs": row,
+                **_answers(1)[0],
+            }
+        )
+        for i in range(rows)
+    ]
+    (folder / f"date={day}" / "predictions-1.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_log_reads_back_typed_and_windowed(mixed: Schema, tmp_path: Path) -> None:
+    test, _ = load_frame("test")
+    log_rows(tmp_path, test, mixed)
+    _old_day(tmp_path, mixed, "2020-01-01", 7)
+    frame = read_log(tmp_path, mixed)
+    assert len(frame) == len(test) + 7
+    assert set(mixed.features) <= set(frame.columns)
+    assert frame["ts"].is_monotonic_increasing
+    assert frame[PREDICTION].eq("no").all()
+    today = read_log(tmp_path, mixed, since=datetime.now(UTC) - timedelta(hours=1))
+    assert len(today) == len(test)
+    assert len(read_log(tmp_path, mixed, last=5)) == 5
+    # Categories come back as the text the model knows, numbers as numbers.
+    plans = set(today["plan"].dropna())
+    assert plans <= set(mixed.categories["plan"])
+    assert pd.api.types.is_float_dtype(today["tenure"])
+
+
+def test_a_line_cut_short_is_skipped_with_a_warning(mixed: Schema, tmp_path: Path, capsys) -> None:
+    test, _ = load_frame("test")
+    log_rows(tmp_path, test, mixed)
+    path = next(tmp_path.glob("date=*/predictions-*.jsonl"))
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"ts": "2030-01-01T00:00:00+00:00", "request_id": "cut')
+    assert len(read_log(tmp_path, mixed)) == len(test)
+    assert "skipped 1 unreadable line" in capsys.readouterr().out
+
+
+def test_no_log_is_a_clear_error(mixed: Schema, tmp_path: Path) -> None:
+    with pytest.raises(MonitorError, match="no prediction log"):
+        read_log(tmp_path / "absent", mixed)
+
+
+def test_feedback_joins_by_request_and_row_the_latest_winning(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path, flush_s=60)
+    log.feedback("a" * 32, ["no", "yes"])
+    log.flush()
+    log.feedback("a" * 32, ["yes", "yes"])  # a correction
+    log.close()
+    feedback = read_feedback(tmp_path).sort_values("row")
+    assert feedback["target"].tolist() == ["yes", "yes"]
+    assert feedback["row"].tolist() == [0, 1]
+
+
+def test_count_rows_finds_a_request_in_the_log(tmp_path: Path) -> None:
+    log = PredictionLog(tmp_path, flush_s=60)
+    log.record("b" * 32, "1", [{"x": 1}] * 3, _answers(3))
+    log.close()
+    assert count_rows(tmp_path, "b" * 32) == 3
+    assert count_rows(tmp_path, "c" * 32) == 0
+
+
+def _drift(*drifted: str, prediction: bool = False) -> dict:
+    columns = {f"f{i}": {"drifted": f"f{i}" in drifted} for i in range(10)}
+    return columns | {PREDICTION: {"drifted": prediction}}
+
+
+FEATURES = [f"f{i}" for i in range(10)]
+NO_QUALITY: dict = {"versions": {}}
+
+
+@pytest.mark.parametrize(
+    ("rows", "drift", "qual", "status"),
+    [
+        (19, _drift("f0", "f1", "f2"), NO_QUALITY, "insufficient_data"),
+        (20, _drift("f0", "f1"), NO_QUALITY, "healthy"),
+        (20, _drift("f0", "f1", "f2"), NO_QUALITY, "drift"),
+        (20, _drift(prediction=True), NO_QUALITY, "drift"),
+        (
+            20,
+            _drift("f0", "f1", "f2"),
+            {
+                "versions": {
+                    "1": {
+                        "degraded": True,
+                        "rows": 30,
+                        "accuracy": 0.5,
+                        "f1": 0.5,
+                        "test_accuracy": 0.9,
+                    }
+                }
+            },
+            "degraded",
+        ),
+    ],
+)
+def test_gate_decisions(rows: int, drift: dict, qual: dict, status: str) -> None:
+    assert decide(rows, drift, FEATURES, qual, PARAMS)[0] == status
+
+
+def test_drifted_features_are_named() -> None:
+    status, reasons, drifted = decide(50, _drift("f3", "f5", "f7"), FEATURES, NO_QUALITY, PARAMS)
+    assert (status, drifted) == ("drift", ["f3", "f5", "f7"])
+    assert "3 of 10 features drift" in reasons[0]
+
+
+def _traffic(target: list[str], prediction: list[str], version: str = "1") -> Traffic:
+    frame = pd.DataFrame({"target": target, PREDICTION: prediction, "model_version": version})
+    return Traffic(frame, "test")
+
+
+def test_quality_is_judged_against_the_version_s_test_metrics() -> None:
+    cards = {"1": {"test_metrics": {"accuracy": 0.95, "f1": 0.95}}}
+    good = quality(_traffic(["a", "b"] * 10, ["a", "b"] * 10), cards, PARAMS)["versions"]["1"]
+    assert (good["accuracy"], good["judged"], good["degraded"]) == (1.0, True, False)
+    bad = quality(_traffic(["a", "b"] * 10, ["a", "a"] * 10), cards, PARAMS)["versions"]["1"]
+    assert bad["degraded"] is True
+    few = quality(_traffic(["a"] * 5, ["b"] * 5), cards, PARAMS)["versions"]["1"]
+    assert few["judged"] is False
+    assert "min_labelled_rows" in few["why_not_judged"]
+    unknown = quality(_traffic(["a"] * 20, ["b"] * 20, "7"), cards, PARAMS)["versions"]["7"]
+    assert (unknown["judged"], unknown["degraded"]) == (False, False)
+
+
+def test_file_without_the_features_names_them(mixed: Schema, tmp_path: Path) -> None:
+    path = tmp_path / "current.csv"
+    pd.DataFrame({"tenure": [1.0]}).to_csv(path, index=False)
+    with pytest.raises(MonitorError, match="lacks 3 of the 4 feature columns: plan, country"):
+        file_traffic(path, mixed)
+
+
+def test_since_must_be_a_time() -> None:
+    assert parse_time("2026-01-31T12:00").tzinfo == UTC
+    with pytest.raises(MonitorError, match="ISO time"):
+        parse_time("yesterday")
+
+
+@pytest.mark.slow
+def test_monitor_finds_the_shifted_feature_and_new_categories(
+    mixed: Schema, tmp_path: Path
+) -> None:
+    test, _ = load_frame("test")
+    log_rows(tmp_path / "calm", test, mixed)
+    result, folder = monitor(
+        load_params().monitor.model_copy(update={"min_rows": 20}), tmp_path / "calm"
+    )
+    assert result["status"] in ("healthy", "drift")
+    assert set(result["drift"]["features"]) == set(mixed.features)
+    assert (folder / "report.html").stat().st_size > 100_000
+    assert json.loads((folder.parent / "latest" / "result.json").read_text()) == result
+
+    moved = test.assign(tenure=test["tenure"] + 1000, plan="Platinum")
+    log_rows(tmp_path / "moved", moved, mixed)
+    result, _ = monitor(PARAMS, tmp_path / "moved")
+    assert result["status"] == "drift"
+    assert {"tenure", "plan"} <= set(result["drift"]["drifted_features"])
+    assert result["data_summary"]["new_categories"]["plan"] == ["Platinum"]
+    assert result["data_summary"]["out_of_range"]["tenure"]["rows"] > 0
+
+
+def test_retrain_writes_rows_in_the_raw_file_s_column_order() -> None:
+    rows = pd.DataFrame({"b": [1.5, None], "a": [True, False], "label": ["x", "y"]})
+    assert csv_lines(rows, ["label", "a", "unused", "b"]) == "x,true,,1.5\ny,false,,\n"
+
+
+def test_retrain_refuses_a_raw_file_that_is_not_its_dvc_version(project_dir: Path) -> None:
+    raw = Path(load_params().data.raw_path)
+    md5 = file_md5(raw)
+    raw.with_name(raw.name + ".dvc").write_text(f"outs:\n- md5: {md5}\n  path: {raw.name}\n")
+    subprocess.run(["git", "init", "-q"], check=True)
+    with pytest.raises(RetrainError, match="not in DVC's cache"):
+        check_versioned(raw)
+    raw.write_text(raw.read_text() + "1,2,3,4,negative\n")
+    with pytest.raises(RetrainError, match="differs from the version"):
+        check_versioned(raw)

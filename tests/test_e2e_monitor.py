@@ -1,0 +1,280 @@
+"""End-to-end: a served project's traffic monitored, labelled, retrained from, and rolled back.
+
+One project for the module: trained twice (a champion, then a worse valid model: the challenger),
+deployed with shadow scoring, served; each test sends its own traffic with ``nox -s simulate``
+and judges its own window of the prediction log with ``nox -s monitor -- --since``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from e2e import MODEL_NAME, PACKAGE, Project, free_port
+
+pytestmark = pytest.mark.e2e
+
+EXIT = {"healthy": 0, "drift": 3, "degraded": 4, "insufficient_data": 5}
+
+
+@dataclass
+class Served:
+    project: Project
+    url: str
+    proc: subprocess.Popen
+
+
+@pytest.fixture(scope="module")
+def served(pristine: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    project = pristine.copy(tmp_path_factory.mktemp("monitor") / "my-ml-project")
+    project.nox("train")
+    # A valid model worse than the champion: the challenger, scored in the shadow.
+    project.set_params(train={"epochs": 5, "lr": 0.003}, model={"hidden_sizes": [8]})
+    project.nox("train")
+    project.set_params(serve={"shadow": True})
+    deployed = project.nox("deploy")
+    assert "shadow scoring: challenger v2" in deployed.stdout, deployed.stdout
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nox", "-s", "serve", "--", "--port", str(port)],
+        cwd=project.path,
+        env=project.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not _ready(url):
+        assert proc.poll() is None, "the service exited before it was ready"
+        assert time.monotonic() < deadline, "the service never got ready"
+        time.sleep(0.3)
+    yield Served(project, url, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def traffic(served: Served, *args: str) -> str:
+    """Send traffic; the UTC time before the first row (the window of the monitor's check)."""
+    since = datetime.now(UTC).isoformat()
+    served.project.nox("simulate", "--", "--url", served.url, *args)
+    time.sleep(1.5)  # the log's writer flushes every 0.5 s
+    return since
+
+
+def monitor(served: Served, *args: str) -> tuple[int, dict]:
+    result = served.project.nox("monitor", "--", *args, check=False)
+    path = served.project.path / "reports" / "monitoring" / "latest" / "result.json"
+    assert path.exists(), result.stdout + result.stderr
+    return result.returncode, json.loads(path.read_text())
+
+
+def module_exit(served: Served, *args: str) -> int:
+    """The monitor module's own exit code (nox reports any failure as 1)."""
+    return served.project.py("-m", f"{PACKAGE}.monitor", *args, check=False).returncode
+
+
+def shifted(served: Served) -> set[str]:
+    schema = served.project.json("data/processed/schema.json")
+    return set(schema["features"][::2])  # simulate.py's documented subset
+
+
+def test_unshifted_traffic_is_healthy(served: Served) -> None:
+    since = traffic(served, "--rows", "80", "--seed", "1")
+    code, result = monitor(served, "--since", since)
+    assert result["status"] == "healthy", result["reasons"]
+    assert code == 0
+    assert result["rows"]["current"] == 80
+    assert result["model_versions"] == {"1": 80}
+    assert len(result["drift"]["features"]) == 30
+    entry = next(iter(result["drift"]["features"].values()))
+    assert {"score", "method", "threshold", "drifted"} <= entry.keys()
+
+
+def test_shifted_traffic_is_drift_and_names_shifted_features(served: Served) -> None:
+    since = traffic(served, "--rows", "200", "--drift", "0.5", "--seed", "2")
+    code, result = monitor(served, "--since", since)
+    assert result["status"] == "drift", result["reasons"]
+    assert code != 0
+    assert module_exit(served, "--since", since) == EXIT["drift"]
+    drifted = set(result["drift"]["drifted_features"])
+    assert drifted
+    # Mostly the shifted ones (an unshifted feature may fail its test by chance, p = 0.05).
+    assert len(drifted & shifted(served)) >= 0.8 * len(drifted), drifted
+    assert result["drift"]["share"] >= 0.3
+
+
+def test_five_rows_are_insufficient_data(served: Served) -> None:
+    traffic(served, "--rows", "5", "--seed", "3")
+    code, result = monitor(served, "--last", "5")
+    assert result["status"] == "insufficient_data"
+    assert code != 0  # the session fails on anything but healthy
+    assert module_exit(served, "--last", "5") == EXIT["insufficient_data"]
+    assert result["rows"]["current"] == 5
+    # --no-fail: the same status, for a dashboard, without failing the session.
+    assert monitor(served, "--last", "5", "--no-fail")[0] == 0
+
+
+def test_feedback_brings_quality_and_shadow_comparison(served: Served) -> None:
+    since = traffic(served, "--rows", "80", "--seed", "4", "--feedback")
+    _, result = monitor(served, "--since", since)
+    assert result["status"] == "healthy", result["reasons"]
+    quality = result["quality"]["versions"]["1"]
+    assert quality["rows"] == 80
+    assert quality["accuracy"] > 0.9
+    assert quality["test_accuracy"] == pytest.approx(
+        served.project.json("metrics/evaluate.json")["accuracy"], abs=0.2
+    )
+    shadow = result["shadow"]
+    assert shadow["rows"] == 80
+    assert shadow["shadow_versions"] == ["2"]
+    assert 0 <= shadow["agreement"] <= 1
+    assert {"champion_accuracy", "challenger_accuracy"} <= shadow.keys()
+    assert result["reports"] == {"report": "report.html", "quality": "quality.html"}
+
+
+def test_flipped_labels_are_degraded(served: Served) -> None:
+    since = traffic(served, "--rows", "80", "--seed", "5", "--feedback", "--flip-labels", "0.5")
+    code, result = monitor(served, "--since", since)
+    assert result["status"] == "degraded", result["reasons"]
+    assert code != 0
+    assert module_exit(served, "--since", since) == EXIT["degraded"]
+    assert result["quality"]["versions"]["1"]["degraded"] is True
+
+
+def test_feedback_is_checked(served: Served) -> None:
+    body = {"request_id": "0" * 32, "labels": ["x"]}
+    request = urllib.request.Request(
+        f"{served.url}/feedback", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 404
+    assert "request_id" in json.loads(err.value.read())["error"]
+
+
+def test_report_renders_in_a_browser(served: Served, tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it (Debian's chromium package)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    report = served.project.path / "reports" / "monitoring" / "latest" / "report.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [browser, *flags, "--window-size=1280,1600", f"--screenshot={shot}", report.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", report.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert "Dataset Drift" in dom
+    assert "mean_radius" in dom
+    from PIL import Image
+
+    image = Image.open(shot).convert("L")
+    low, high = image.getextrema()
+    assert high - low > 100, "the screenshot is blank"
+    histogram = image.histogram()
+    assert max(histogram) < 0.97 * sum(histogram), "the screenshot is almost one colour"
+
+
+def test_bad_inputs_get_one_line_errors(served: Served, tmp_path: Path) -> None:
+    partial = tmp_path / "partial.csv"
+    partial.write_text("mean_radius,mean_texture\n1,2\n")
+    result = served.project.py("-m", f"{PACKAGE}.monitor", "--current", str(partial), check=False)
+    assert result.returncode == 2
+    assert "lacks 28 of the 30 feature columns" in result.stderr
+    assert "Traceback" not in result.stderr
+    empty = served.project.py(
+        "-m", f"{PACKAGE}.monitor", "--log-dir", str(tmp_path / "none"), check=False
+    )
+    assert empty.returncode == 2
+    assert "no prediction log" in empty.stderr
+    assert "Traceback" not in empty.stderr
+    window = served.project.py("-m", f"{PACKAGE}.monitor", "--since", "2999-01-01", check=False)
+    assert window.returncode == EXIT["insufficient_data"]
+    assert "no rows in the window" in window.stdout
+
+
+def test_retrain_adds_a_data_version_and_the_gate_decides(served: Served) -> None:
+    project = served.project
+    raw = project.path / "data" / "raw" / "breast_cancer.csv"
+    dvc_file = raw.with_name(raw.name + ".dvc")
+    before_md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+    before_rows = len(raw.read_text().splitlines())
+    before_versions = project.registry()["versions"]
+    result = project.nox("retrain")
+    output = result.stdout + result.stderr
+    state = project.json("data/retrain.json")
+    added = state["history"][-1]["rows"]
+    assert added == 160  # the two feedback tests' rows
+    assert f"added {added} labelled production rows" in output
+    assert len(raw.read_text().splitlines()) == before_rows + added
+    after_md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+    assert after_md5 != before_md5
+    # The previous version is recoverable: in git history and in DVC's cache.
+    committed = project.run("git", "show", "HEAD~1:data/raw/breast_cancer.csv.dvc").stdout
+    assert yaml.safe_load(committed)["outs"][0]["md5"] == before_md5
+    assert (project.path / ".dvc/cache/files/md5" / before_md5[:2] / before_md5[2:]).exists()
+    assert project.registry()["versions"] == [*before_versions, before_versions[-1] + 1]
+    gate = project.json("metrics/gate.json")
+    assert gate["decision"] in ("promoted", "not_promoted"), gate
+    assert f"gate: {gate['decision']}" in output
+    again = project.nox("retrain")
+    assert "nothing added" in again.stdout + again.stderr
+    assert project.registry()["versions"] == [*before_versions, before_versions[-1] + 1]
+
+
+PROMOTE = f"""
+import sys
+from {PACKAGE} import registry
+from {PACKAGE}.config import load_params
+params = load_params().mlflow
+registry.configure(params)
+registry.promote(params.model_name, sys.argv[1])
+"""
+
+
+def test_rollback_restores_the_previous_champion(served: Served) -> None:
+    project = served.project
+    registry = project.registry()
+    if registry["champion"] == 1:  # the retrain's model lost: nothing to roll back to yet
+        refused = project.nox("rollback", check=False)
+        assert refused.returncode != 0
+        assert "nothing to roll back to" in refused.stdout + refused.stderr
+        assert project.registry()["champion"] == 1
+        # What the gate does when a model wins: promote it (the history records it).
+        project.py("-c", PROMOTE, str(registry["versions"][-1]))
+    newest = project.registry()["champion"]
+    assert newest == registry["versions"][-1]
+    result = project.nox("rollback")
+    output = result.stdout + result.stderr
+    assert f"ROLLED BACK: '{MODEL_NAME}' champion v{newest} -> v1" in output
+    assert "bento: my-ml-project:" in output
+    assert project.registry()["champion"] == 1
+    again = project.nox("rollback", check=False)
+    assert again.returncode != 0
+    assert "nothing to roll back to" in again.stdout + again.stderr

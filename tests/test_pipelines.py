@@ -1,0 +1,284 @@
+"""The generated CI/CT/CD pipelines: the real linters of each provider, on every combination of
+providers and of the answers the pipelines depend on, and the rules they must keep.
+
+GitHub: zizmor (pedantic), the workflow JSON schema, actionlint with shellcheck. GitLab: its
+JSON schema (tests/test_e2e.py runs its jobs with gitlab-ci-local). Jenkins: npm-groovy-lint
+with the recommended Jenkinsfile rules. Renovate: its JSON schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+PATH = os.environ.get("PATH", "")
+ROOT = Path(__file__).resolve().parents[1]
+PINS: dict[str, dict[str, str]] = yaml.safe_load((ROOT / "ci" / "github-actions.yml").read_text())
+# Each provider on its own and in pairs, every Python version, every DVC remote kind, custom
+# runner labels and each accelerator: what the pipelines' text depends on.
+COMBOS: dict[str, dict[str, Any]] = {
+    "all": {},
+    "github": {
+        "ci_providers": ["github"],
+        "accelerator": "cuda",
+        "dvc_remote": "s3://bucket/dvc",
+        "python_version": "3.12",
+        "gpu_runner_label": "a100",
+    },
+    "gitlab": {
+        "ci_providers": ["gitlab"],
+        "accelerator": "cpu",
+        "dvc_remote": "gs://bucket/dvc",
+        "python_version": "3.13",
+    },
+    "jenkins": {
+        "ci_providers": ["jenkins"],
+        "accelerator": "cuda",
+        "dvc_remote": "azure://container/dvc",
+        "python_version": "3.13",
+    },
+    "github-gitlab": {
+        "ci_providers": ["github", "gitlab"],
+        "dvc_remote": "azure://container/dvc",
+        "gpu_runner_label": "gpu-l4",
+    },
+    "gitlab-jenkins": {
+        "ci_providers": ["gitlab", "jenkins"],
+        "accelerator": "cpu",
+        "dvc_remote": "s3://bucket/dvc",
+        "python_version": "3.12",
+    },
+    "github-jenkins": {
+        "ci_providers": ["github", "jenkins"],
+        "dvc_remote": "gs://bucket/dvc",
+        "gpu_runner_label": "a100",
+        "python_version": "3.13",
+    },
+    "none": {"ci_providers": []},
+}
+PROVIDER_FILES = {
+    "github": ".github",
+    "gitlab": ".gitlab-ci.yml",
+    "jenkins": "Jenkinsfile",
+}
+
+
+def versions_from(python: str) -> list[str]:
+    return [v for v in ("3.11", "3.12", "3.13") if v >= python]
+
+
+def answers(name: str) -> dict[str, Any]:
+    defaults = {
+        "ci_providers": ["github", "gitlab", "jenkins"],
+        "python_version": "3.11",
+        "gpu_runner_label": "gpu",
+    }
+    return {**defaults, **COMBOS[name]}
+
+
+def uses(name: str) -> list[str]:
+    return [n for n in COMBOS if name in answers(n)["ci_providers"]]
+
+
+@pytest.fixture(scope="module")
+def rendered(renderer, tmp_path_factory) -> dict[str, Path]:
+    """Each combination rendered once (tasks skipped)."""
+    top = tmp_path_factory.mktemp("pipelines")
+    return {name: renderer(top / name, **given) for name, given in COMBOS.items()}
+
+
+def tool(name: str) -> str:
+    """A linter of the test dependency group: missing is a failure, not a skip."""
+    # This interpreter's scripts first: run outside nox, its bin folder may not be on PATH.
+    path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), PATH]))
+    assert path, f"{name} is not installed: it is in pyproject.toml's test group"
+    return path
+
+
+def lint(*command: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), PATH])}
+    args = [str(c) for c in command]
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+
+
+def workflows(project: Path) -> list[Path]:
+    return sorted((project / ".github" / "workflows").glob("*.yml"))
+
+
+def test_only_chosen_providers_get_files(rendered: dict[str, Path]) -> None:
+    for name, project in rendered.items():
+        chosen = answers(name)["ci_providers"]
+        for provider, path in PROVIDER_FILES.items():
+            assert (project / path).exists() == (provider in chosen), (name, path)
+        renovate = bool({"gitlab", "jenkins"} & set(chosen))
+        assert (project / "renovate.json").exists() == renovate, name
+    assert not [p for p in rendered["none"].rglob("*") if "actionlint" in p.name]
+
+
+def test_github_workflows_pass_zizmor_pedantic(rendered: dict[str, Path]) -> None:
+    folders = [rendered[n] / ".github" / "workflows" for n in uses("github")]
+    command = [tool("zizmor"), "--offline", "--persona", "pedantic", "--format", "json"]
+    result = lint(*command, *folders)
+    assert json.loads(result.stdout) == [], result.stdout
+    assert result.returncode == 0, result.stderr
+
+
+def test_github_workflows_match_the_schema(rendered: dict[str, Path]) -> None:
+    files = [f for n in uses("github") for f in workflows(rendered[n])]
+    assert len(files) == 6 * len(uses("github"))
+    result = lint(tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows", *files)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_github_workflows_pass_actionlint_with_shellcheck(rendered: dict[str, Path]) -> None:
+    tool("shellcheck")  # actionlint checks each `run:` script with it when it is on PATH
+    for name in uses("github"):
+        project = rendered[name]
+        if not (project / ".git").exists():  # actionlint finds the project by its repository
+            subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+        result = lint(tool("actionlint"), "-format", "{{json .}}", cwd=project)
+        assert json.loads(result.stdout or "[]") == [], (name, result.stdout, result.stderr)
+        assert result.returncode == 0, result.stderr
+
+
+def test_every_action_is_pinned_from_the_one_table(rendered: dict[str, Path]) -> None:
+    used = set()
+    for name in uses("github"):
+        for path in workflows(rendered[name]):
+            for line in path.read_text().splitlines():
+                if match := re.match(r"\s*(?:- )?uses: (\S+)@(\S+) # (\S+)$", line):
+                    action, commit, tag = match.groups()
+                    assert PINS[action] == {"commit": commit, "tag": tag}, (path, line)
+                    used.add(action)
+                else:
+                    assert "uses:" not in line, f"{path}: {line.strip()} is not a pinned action"
+    assert used == set(PINS), "a pin of ci/github-actions.yml is used by no workflow"
+
+
+def load(path: Path) -> dict[str, Any]:
+    workflow = yaml.safe_load(path.read_text())
+    workflow["on"] = workflow.pop(True)  # YAML 1.1 reads the key `on` as true
+    return workflow
+
+
+@pytest.mark.parametrize("name", uses("github"))
+def test_github_workflows_keep_the_rules(rendered: dict[str, Path], name: str) -> None:
+    project, given = rendered[name], answers(name)
+    flows = {p.stem: load(p) for p in workflows(project)}
+    assert set(flows) == {"ci", "train", "monitor", "audit", "deploy", "rollback"}
+    for flow in flows.values():
+        assert flow["permissions"] == {}
+        assert flow["concurrency"]["group"]
+        for job in flow["jobs"].values():
+            assert "permissions" in job
+            for step in job.get("steps", []):
+                assert "${{" not in step.get("run", ""), step  # values come through env:
+                if step.get("uses", "").startswith("actions/checkout@"):
+                    assert step["with"]["persist-credentials"] is False
+    label = given["gpu_runner_label"]
+    config = yaml.safe_load((project / ".github" / "actionlint.yaml").read_text())
+    assert config["self-hosted-runner"]["labels"] == [label]
+    assert f"'{label}'" in flows["train"]["jobs"]["train"]["runs-on"]
+    assert set(flows["train"]["on"]) == {"workflow_dispatch", "schedule"}
+    matrix = flows["ci"]["jobs"]["test"]["strategy"]["matrix"]["python"]
+    assert matrix == versions_from(given["python_version"])
+    # Audit: on lock changes and weekly, and a gate of deploy (not of lint or tests).
+    assert flows["audit"]["on"]["push"]["paths"] == ["uv.lock"]
+    assert flows["audit"]["on"]["schedule"]
+    deploy = flows["deploy"]["jobs"]["deploy"]
+    assert deploy["needs"] == "audit"
+    assert deploy["environment"] == "production"
+    assert "needs" not in flows["ci"]["jobs"]["lint"]
+    steps = {s.get("name", s.get("uses", "")).split("@")[0]: s for s in deploy["steps"]}
+    build = steps["Build the Bento and the image, push it"]
+    assert "nox -s deploy -- --containerize" in build["run"]
+    assert steps["Keep the SBOM"]["with"]["path"] == "build/sbom/*.cdx.json"
+    attest = steps["Attest the build provenance"]
+    assert attest["uses"].startswith("actions/attest-build-provenance@")
+    assert set(deploy["permissions"]) == {"contents", "packages", "id-token", "attestations"}
+    # Monitoring starts the Train workflow only on its retraining verdict.
+    retrain = flows["monitor"]["jobs"]["retrain"]
+    assert "gh workflow run train.yml" in retrain["steps"][0]["run"]
+    assert "retrain == 'true'" in retrain["if"]
+    assert flows["rollback"]["jobs"]["rollback"]["environment"] == "production"
+
+
+def test_gitlab_pipelines_match_the_schema(rendered: dict[str, Path]) -> None:
+    files = [rendered[n] / ".gitlab-ci.yml" for n in uses("gitlab")]
+    result = lint(tool("check-jsonschema"), "--builtin-schema", "vendor.gitlab-ci", *files)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", uses("gitlab"))
+def test_gitlab_pipeline_keeps_the_rules(rendered: dict[str, Path], name: str) -> None:
+    given = answers(name)
+    pipeline = yaml.safe_load((rendered[name] / ".gitlab-ci.yml").read_text())
+    rules = " ".join(rule["if"] for rule in pipeline["workflow"]["rules"])
+    for source in ("push", "merge_request_event", "schedule", "web", "pipeline"):
+        assert re.search(rf"\b{source}\b", rules), source
+    assert pipeline["variables"]["TRAIN_RUNNER_TAG"]["value"] == given["gpu_runner_label"]
+    assert pipeline["train"]["tags"] == ["$TRAIN_RUNNER_TAG"]
+    assert pipeline["default"]["cache"]["key"]["files"] == ["uv.lock"]
+    matrix = pipeline["test"]["parallel"]["matrix"][0]["UV_PYTHON"]
+    assert matrix == versions_from(given["python_version"])
+    assert pipeline["test"]["artifacts"]["reports"]["junit"] == "reports/junit.xml"
+    assert {"changes": ["uv.lock"]} in pipeline["audit"]["rules"]
+    assert "audit" in pipeline["deploy"]["needs"]
+    assert "needs" not in pipeline["lint"]
+    assert pipeline["deploy"]["rules"][0]["when"] == "manual"
+    assert pipeline["deploy"]["environment"]["name"] == "production"
+    assert pipeline["deploy"]["artifacts"]["reports"]["cyclonedx"] == "build/sbom/*.cdx.json"
+    assert pipeline["retrain"]["variables"]["PIPELINE"] == "train"
+    assert pipeline["retrain"]["rules"][0]["when"] == "on_failure"
+    assert "nox -s rollback" in pipeline["rollback"]["script"][-1]
+
+
+def test_jenkinsfiles_pass_groovy_lint(rendered: dict[str, Path], npm_bin: Path) -> None:
+    """One npm-groovy-lint run (a JVM start, ~10 s) over every rendered Jenkinsfile."""
+    files = [str(rendered[n] / "Jenkinsfile") for n in uses("jenkins")]
+    command = [npm_bin / "npm-groovy-lint", "--noserver", "--config", "recommended-jenkinsfile"]
+    result = lint(*command, "--output", "json", *files)
+    report = json.loads(result.stdout)
+    assert report["summary"]["totalFilesLinted"] == len(files)
+    found = {k: v for k, v in report["summary"].items() if k.startswith("totalFound")}
+    assert found["totalFoundErrorNumber"] == 0, result.stdout
+    assert found["totalFoundWarningNumber"] == 0, result.stdout
+
+
+@pytest.mark.parametrize("name", uses("jenkins"))
+def test_jenkinsfile_keeps_the_rules(rendered: dict[str, Path], name: str) -> None:
+    # No Groovy parser at hand (groovy-lint checks syntax above): check the lines that matter.
+    text = (rendered[name] / "Jenkinsfile").read_text()
+    for needed in (
+        "timeout(time:",
+        "disableConcurrentBuilds(",
+        "parameters {",
+        "parameterizedCron(",
+        "junit testResults:",
+        "credentials('mlflow-tracking-uri')",
+        "input {",
+        "sh '$NOX -s rollback'",
+        "build/sbom/*.cdx.json",
+        f"defaultValue: '{answers(name)['gpu_runner_label']}'",
+    ):
+        assert needed in text, needed
+    versions = ", ".join(f"'{v}'" for v in versions_from(answers(name)["python_version"]))
+    assert f"values {versions}\n" in text
+    # Parameters reach the shell as environment variables: no Groovy interpolation in sh steps.
+    assert not re.search(r'\bsh\s+"', text)
+    assert not re.search(r"\bsh\s+'''[^']*\$\{", text)
+
+
+def test_renovate_config_matches_the_schema(rendered: dict[str, Path]) -> None:
+    files = [p / "renovate.json" for p in rendered.values() if (p / "renovate.json").exists()]
+    result = lint(tool("check-jsonschema"), "--builtin-schema", "vendor.renovate", *files)
+    assert result.returncode == 0, result.stdout + result.stderr
