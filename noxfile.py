@@ -88,7 +88,9 @@ def demo(session: nox.Session) -> None:
     # The demo owns its environment (build/demo/.venv), not this session's: nox points
     # UV_PROJECT_ENVIRONMENT and VIRTUAL_ENV at .nox/demo, and the project would follow them.
     env = {**_test_env(), "UV_PROJECT_ENVIRONMENT": None, "VIRTUAL_ENV": None}
-    session.run("copier", "copy", "--trust", "--defaults", str(ROOT), str(DEMO), env=env)
+    # HEAD (with uncommitted changes), not the latest release tag copier would otherwise take.
+    copy = ["copier", "copy", "--trust", "--defaults", "--vcs-ref", "HEAD"]
+    session.run(*copy, str(ROOT), str(DEMO), env=env)
     with session.chdir(DEMO):
         session.run("nox", "-s", "install", "lint", "test", "train", env=env)
     session.log(f"demo project ready in {DEMO.relative_to(ROOT)}: cd there and try `nox -l`")
