@@ -129,6 +129,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_service(project: Project, **env: str) -> tuple[subprocess.Popen, str]:
+    """``nox -s serve`` on a free loopback port, in a session of its own; (process, URL) once
+    ``/readyz`` answers 200 (the test fails if it exits first or takes over two minutes)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nox", "-s", "serve", "--", "--port", str(port)],
+        cwd=project.path,
+        env={**project.env, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not _ready(url):
+        assert proc.poll() is None, "the service exited before it was ready"
+        assert time.monotonic() < deadline, "the service never got ready"
+        time.sleep(0.3)
+    return proc, url
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while True:

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e import MODEL_NAME, PACKAGE, Project, free_port
+from e2e import MODEL_NAME, PACKAGE, Project, start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -46,32 +45,10 @@ def served(pristine: Project, tmp_path_factory: pytest.TempPathFactory) -> Itera
     project.set_params(serve={"shadow": True})
     deployed = project.nox("deploy")
     assert "shadow scoring: challenger v2" in deployed.stdout, deployed.stdout
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nox", "-s", "serve", "--", "--port", str(port)],
-        cwd=project.path,
-        env=project.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not _ready(url):
-        assert proc.poll() is None, "the service exited before it was ready"
-        assert time.monotonic() < deadline, "the service never got ready"
-        time.sleep(0.3)
+    proc, url = start_service(project)
     yield Served(project, url, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
 
 
 def traffic(served: Served, *args: str) -> str:

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import tomllib
 import urllib.error
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
-from e2e import Project, free_port
+from e2e import Project, start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -92,21 +91,7 @@ def server(trained: Project) -> Iterator[Server]:
     result = trained.nox("deploy")
     assert "bento: my-ml-project:" in result.stdout + result.stderr
     assert not server_processes(trained), "the deploy smoke test left a server process behind"
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nox", "-s", "serve", "--", "--port", str(port)],
-        cwd=trained.path,
-        env={**trained.env, "SERVICE_API_TOKEN": TOKEN, "SERVE_MAX_ROWS": "200"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not _ready(url):
-        assert proc.poll() is None, "the service exited before it was ready"
-        assert time.monotonic() < deadline, "the service never got ready"
-        time.sleep(0.3)
+    proc, url = start_service(trained, SERVICE_API_TOKEN=TOKEN, SERVE_MAX_ROWS="200")
     yield Server(url, proc, trained)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -129,13 +114,6 @@ def server_processes(project: Project) -> list[int]:
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return found
-
-
-def _ready(url: str) -> bool:
-    try:
-        return call(f"{url}/readyz")[0] == 200
-    except OSError:
-        return False
 
 
 ROWS = """
