@@ -66,9 +66,10 @@ class Traffic:
 
     @property
     def labelled(self) -> pd.DataFrame:
+        """The rows with ground truth and a prediction."""
         if "target" not in self.frame:
             return self.frame.iloc[:0]
-        return self.frame[self.frame["target"].notna()]
+        return self.frame[self.frame["target"].notna() & self.frame[PREDICTION].notna()]
 
 
 # ---------------------------------------------------------------------------- reading the log
