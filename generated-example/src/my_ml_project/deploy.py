@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ProjectError, cli_errors, load_params
+from .predlog import FOLDER_ENV, log_folder
 from .serving import torch_backend
 
 PACKAGE = __package__
@@ -367,7 +368,8 @@ def serve(host: str, port: int, reload: bool) -> None:
             target = [str(bentoml.get(f"{MODEL_NAME}:latest").tag)]
         except bentoml.exceptions.NotFound:
             raise DeployError("no Bento built yet: run `nox -s deploy` first") from None
-    os.environ.setdefault("PREDICTION_LOG_DIR", str(Path("logs/predictions").resolve()))
+    # Resolved here: bentoml serve runs the service from the Bento's folder.
+    os.environ[FOLDER_ENV] = str(log_folder().resolve())
     command = ["bentoml", "serve", *target, "--host", host, "--port", str(port)]
     os.execvp(command[0], command)
 

@@ -36,6 +36,13 @@ logger = logging.getLogger(__name__)
 
 PREDICTIONS, FEEDBACK = "predictions", "feedback"
 MODELS_DIR = "models"
+FOLDER_ENV = "PREDICTION_LOG_DIR"
+DEFAULT_FOLDER = Path("logs/predictions")
+
+
+def log_folder(explicit: Path | None = None) -> Path:
+    """Where the log is: ``explicit``, else ``PREDICTION_LOG_DIR``, else ``logs/predictions``."""
+    return explicit or Path(os.environ.get(FOLDER_ENV) or DEFAULT_FOLDER)
 
 
 class PredictionLog:

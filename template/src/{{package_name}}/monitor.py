@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -43,10 +42,9 @@ from .config import MonitorParams, ProjectError, cli_errors, load_params
 from .data import DataError, Schema, load_frame
 from .features import BOOLEAN, CATEGORICAL, NUMERIC, ModelInputError, typed
 from .fileio import atomic_write_text
-from .predlog import FEEDBACK, MODELS_DIR, PREDICTIONS
+from .predlog import FEEDBACK, MODELS_DIR, PREDICTIONS, log_folder
 
 REPORTS = Path("reports/monitoring")
-DEFAULT_LOG = Path("logs/predictions")
 PREDICTION = "prediction"  # the predicted class, as a monitored column
 EXIT_CODES = {"healthy": 0, "drift": 3, "degraded": 4, "insufficient_data": 5}
 SHOWN = 10  # features printed in the terminal table
@@ -653,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.last is not None and args.last < 1:
         parser.error("--last must be a positive number of rows")
-    log_dir = args.log_dir or Path(os.environ.get("PREDICTION_LOG_DIR") or DEFAULT_LOG)
+    log_dir = log_folder(args.log_dir)
     since = parse_time(args.since) if args.since else None
     params = load_params().monitor
     result, folder = monitor(params, log_dir, args.current, since, args.last)

@@ -19,7 +19,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +30,8 @@ import yaml
 from .config import ProjectError, cli_errors, load_params
 from .data import PROCESSED_DIR, SCHEMA_FILE, Schema
 from .fileio import atomic_write, atomic_write_text, file_md5
-from .monitor import DEFAULT_LOG, read_feedback, read_log
+from .monitor import read_feedback, read_log
+from .predlog import log_folder
 
 STATE = Path("data/retrain.json")
 DVC_CACHE = Path(".dvc/cache/files/md5")
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="say what would be added")
     parser.add_argument("--no-commit", action="store_true", help="leave the git commit to you")
     args = parser.parse_args(argv)
-    log_dir = args.log_dir or Path(os.environ.get("PREDICTION_LOG_DIR") or DEFAULT_LOG)
+    log_dir = log_folder(args.log_dir)
     summary = retrain(log_dir, args.dry_run, not args.no_commit)
     since = f" since {summary['since']}" if summary["since"] else ""
     if not summary["rows"]:

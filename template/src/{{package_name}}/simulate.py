@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import urllib.error
-import urllib.request
 from typing import Any
 
 import numpy as np
@@ -26,6 +24,7 @@ import pandas as pd
 
 from .config import ProjectError, cli_errors
 from .data import Schema, load_frame
+from .deploy import post
 from .features import BOOLEAN, NUMERIC
 
 
@@ -74,15 +73,10 @@ def flip(labels: list[str], classes: list[str], share: float, rng: np.random.Gen
 
 
 def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
-    headers = {"Content-Type": "application/json"}
-    if token := os.environ.get("SERVICE_API_TOKEN"):
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    """deploy's JSON client, with the bearer token; a service that does not answer: one line."""
+    token = os.environ.get("SERVICE_API_TOKEN")
     try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read()), dict(answer.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, {"error": exc.read().decode(errors="replace")}, dict(exc.headers)
+        return post(url, body, {"Authorization": f"Bearer {token}"} if token else None)
     except OSError as exc:
         raise ProjectError(
             f"cannot reach {url} ({exc}): start the service (`nox -s serve`) or fix --url"
