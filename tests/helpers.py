@@ -38,16 +38,32 @@ def torch_source_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {"TORCH_INDEX_URL": CPU_INDEX}
 
 
+# System tools the tests run, with the Debian package that brings each (.ci/run installs them).
+SYSTEM_TOOLS = {"rsync": "rsync", "chromium": "chromium", "npm": "npm"}
+
+
+def system_tool(name: str) -> str:
+    """The path of a system tool the tests need; a missing one fails the test in one line.
+
+    Never a skip: a suite that is green only where someone installed a tool by hand hides it.
+    """
+    path = shutil.which(name)
+    if path is None:
+        import pytest
+
+        package = SYSTEM_TOOLS[name]
+        pytest.fail(f"{name} is missing: apt-get install {package} (.ci/run installs it)", False)
+    return path
+
+
 # npm linters of the generated pipelines, installed on first use into a cache folder. Pinned:
 # gitlab-ci-local 4.74+ and npm-groovy-lint 17+ need Node 22; Node 20 is what CI images carry.
 NPM_TOOLS = ("gitlab-ci-local@4.73", "npm-groovy-lint@16.2")
 
 
-def npm_tools(cache: Path | None = None) -> Path | None:
-    """The bin folder holding NPM_TOOLS (installed there now if missing); None without npm."""
-    npm = shutil.which("npm")
-    if npm is None:
-        return None
+def npm_tools(cache: Path | None = None) -> Path:
+    """The bin folder holding NPM_TOOLS (installed there now if missing)."""
+    npm = system_tool("npm")
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     prefix = cache or base / "mlops-template" / "npm"
     bin_dir = prefix / "node_modules" / ".bin"

@@ -22,6 +22,7 @@ import pytest
 import yaml
 from e2e import MODEL_NAME, PACKAGE, Project, free_port, wait_until_healthy
 from e2e import mlflow_server as start_mlflow_server
+from helpers import system_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +49,7 @@ def test_project_lint_and_unit_tests_pass_in_gitlab_ci(
     They share the installed environment through UV_PROJECT_ENVIRONMENT, as a CI cache would;
     the test job's JUnit and coverage reports are read back.
     """
+    system_tool("rsync")  # gitlab-ci-local copies the work tree with it
     project = pristine.copy(tmp_path / "gitlab")
     # gitlab-ci-local reads the remote's default branch (CI_DEFAULT_BRANCH, `changes:` rules).
     project.run("git", "remote", "add", "origin", "https://gitlab.example.com/team/project.git")

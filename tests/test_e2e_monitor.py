@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from e2e import MODEL_NAME, PACKAGE, Project, start_service
+from helpers import system_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -153,11 +153,7 @@ def test_feedback_is_checked(served: Served) -> None:
 
 
 def test_report_renders_in_a_browser(served: Served, tmp_path: Path) -> None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs it (Debian's chromium package)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    browser = system_tool("chromium")
     report = served.project.path / "reports" / "monitoring" / "latest" / "report.html"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
     shot = tmp_path / "report.png"
