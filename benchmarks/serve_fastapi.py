@@ -24,9 +24,9 @@ def create_app() -> Any:
     from pydantic import BaseModel, create_model
 
     package = os.environ["BENCH_PACKAGE"]
-    features = importlib.import_module(f"{package}.features")
-    model_mod = importlib.import_module(f"{package}.model")
-    serving = importlib.import_module(f"{package}.serving")
+    features = importlib.import_module(f"{package}.core.features")
+    model_mod = importlib.import_module(f"{package}.model.network")
+    serving = importlib.import_module(f"{package}.serving.contract")
 
     # As the generated service does on CPU: one intra-op thread per worker process.
     torch.set_num_threads(1)

@@ -171,11 +171,11 @@ def test_killed_training_resumes_to_the_configured_epochs(pristine: Project, tmp
     project = pristine.copy(tmp_path / "resume")
     epochs = 150
     project.set_params(train={"epochs": epochs, "patience": 0, "batch_size": 8})
-    project.py("-m", f"{PACKAGE}.data")
-    project.py("-m", f"{PACKAGE}.registry", "init")
+    project.py("-m", f"{PACKAGE}.data.prepare")
+    project.py("-m", f"{PACKAGE}.registry.store", "init")
     checkpoint = project.path / "checkpoints" / "last.pt"
     proc = subprocess.Popen(
-        [project.python, "-m", f"{PACKAGE}.train"],
+        [project.python, "-m", f"{PACKAGE}.training.train"],
         cwd=project.path,
         env=project.env,
         stdout=subprocess.DEVNULL,
@@ -195,7 +195,7 @@ def test_killed_training_resumes_to_the_configured_epochs(pristine: Project, tmp
     killed_at = int(project.py("-c", read_epoch).stdout)
     assert 1 <= killed_at < epochs
 
-    result = project.py("-m", f"{PACKAGE}.train", "--resume")
+    result = project.py("-m", f"{PACKAGE}.training.train", "--resume")
     assert "resum" in (result.stdout + result.stderr).lower()
     assert project.json("metrics/train.json")["epochs_run"] == epochs
     history = (project.path / "metrics" / "history.csv").read_text().splitlines()
@@ -206,10 +206,10 @@ def test_killed_training_resumes_to_the_configured_epochs(pristine: Project, tmp
 def test_ddp_on_two_cpu_processes_registers_one_model(pristine: Project, tmp_path: Path):
     project = pristine.copy(tmp_path / "ddp")
     project.set_params(train={"epochs": 5})
-    project.py("-m", f"{PACKAGE}.data")
-    project.py("-m", f"{PACKAGE}.registry", "init")
+    project.py("-m", f"{PACKAGE}.data.prepare")
+    project.py("-m", f"{PACKAGE}.registry.store", "init")
     torchrun = str(project.venv / "bin" / "torchrun")
-    project.run(torchrun, "--standalone", "--nproc_per_node", "2", "-m", f"{PACKAGE}.train")
+    project.run(torchrun, "--standalone", "--nproc_per_node", "2", "-m", f"{PACKAGE}.training.train")
     registry = project.registry()
     assert registry["versions"] == [1]
     run = project.json("models/run.json")

@@ -56,7 +56,7 @@ PREDICT = f"""
 import json
 import numpy as np
 import pandas as pd
-from {PACKAGE}.model import load_model
+from {PACKAGE}.model.network import load_model
 
 model = load_model("models/model.pt")
 rows = pd.DataFrame({{
@@ -116,7 +116,7 @@ def test_text_in_a_numeric_column_stops_prepare_with_the_fix(
     lines = csv.read_text(encoding="utf-8").splitlines()
     lines[5] = "n/a?" + lines[5][lines[5].index(",") :]  # the tenure of one row
     csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    failed = project.py("-m", f"{PACKAGE}.data", check=False)  # the prepare stage's command
+    failed = project.py("-m", f"{PACKAGE}.data.prepare", check=False)  # the prepare stage's command
     assert failed.returncode == 2
     output = failed.stdout + failed.stderr
     assert "data/raw/customers.csv: non-numeric values in numeric feature columns" in output

@@ -44,7 +44,7 @@ def test_deleted_artefacts_and_a_worse_model_keep_the_champion(
     assert registry["versions"] == [1, 2]
     assert registry["champion"] == 1
     assert project.json("metrics/gate.json")["decision"] == "undecided"
-    direct = project.py("-m", f"{PACKAGE}.evaluate", check=False)
+    direct = project.py("-m", f"{PACKAGE}.evaluation.evaluate", check=False)
     assert direct.returncode == UNDECIDED_EXIT
     assert len(direct.stderr.strip().splitlines()) == 1, direct.stderr
 
@@ -57,8 +57,8 @@ def _candidate(pristine: Project, path: Path, server: str, **train: object) -> P
     """A copy of the project with a trained, registered, not yet evaluated model."""
     project = pristine.copy(path)
     project.set_params(train=train)
-    project.py("-m", f"{PACKAGE}.data")
-    project.py("-m", f"{PACKAGE}.train", MLFLOW_TRACKING_URI=server)
+    project.py("-m", f"{PACKAGE}.data.prepare")
+    project.py("-m", f"{PACKAGE}.training.train", MLFLOW_TRACKING_URI=server)
     return project
 
 
@@ -72,7 +72,7 @@ def test_racing_evaluations_decide_one_after_the_other(pristine: Project, tmp_pa
         b = _candidate(pristine, tmp_path / "b", server, epochs=60)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             runs = [
-                pool.submit(p.py, "-m", f"{PACKAGE}.evaluate", MLFLOW_TRACKING_URI=server)
+                pool.submit(p.py, "-m", f"{PACKAGE}.evaluation.evaluate", MLFLOW_TRACKING_URI=server)
                 for p in (a, b)
             ]
             for run in runs:
@@ -112,7 +112,7 @@ def test_every_stage_declares_what_it_imports_and_reads(pristine: Project, tmp_p
     project.set_params(train={"epochs": 3})
     pipeline = yaml.safe_load((project.path / "dvc.yaml").read_text())["stages"]
     params = yaml.safe_load((project.path / "params.yaml").read_text())
-    project.py("-m", f"{PACKAGE}.registry", "init")
+    project.py("-m", f"{PACKAGE}.registry.store", "init")
     undeclared = {}
     for name in ("prepare", "train", "evaluate"):
         stage = pipeline[name]

@@ -68,7 +68,7 @@ def monitor(served: Served, *args: str) -> tuple[int, dict]:
 
 def module_exit(served: Served, *args: str) -> int:
     """The monitor module's own exit code (nox reports any failure as 1)."""
-    return served.project.py("-m", f"{PACKAGE}.monitor", *args, check=False).returncode
+    return served.project.py("-m", f"{PACKAGE}.monitoring.monitor", *args, check=False).returncode
 
 
 def shifted(served: Served) -> set[str]:
@@ -179,17 +179,17 @@ def test_report_renders_in_a_browser(served: Served, tmp_path: Path) -> None:
 def test_bad_inputs_get_one_line_errors(served: Served, tmp_path: Path) -> None:
     partial = tmp_path / "partial.csv"
     partial.write_text("mean_radius,mean_texture\n1,2\n")
-    result = served.project.py("-m", f"{PACKAGE}.monitor", "--current", str(partial), check=False)
+    result = served.project.py("-m", f"{PACKAGE}.monitoring.monitor", "--current", str(partial), check=False)
     assert result.returncode == 2
     assert "lacks 28 of the 30 feature columns" in result.stderr
     assert "Traceback" not in result.stderr
     empty = served.project.py(
-        "-m", f"{PACKAGE}.monitor", "--log-dir", str(tmp_path / "none"), check=False
+        "-m", f"{PACKAGE}.monitoring.monitor", "--log-dir", str(tmp_path / "none"), check=False
     )
     assert empty.returncode == 2
     assert "no prediction log" in empty.stderr
     assert "Traceback" not in empty.stderr
-    window = served.project.py("-m", f"{PACKAGE}.monitor", "--since", "2999-01-01", check=False)
+    window = served.project.py("-m", f"{PACKAGE}.monitoring.monitor", "--since", "2999-01-01", check=False)
     assert window.returncode == EXIT["insufficient_data"]
     assert "no rows in the window" in window.stdout
 
@@ -225,8 +225,8 @@ def test_retrain_adds_a_data_version_and_the_gate_decides(served: Served) -> Non
 
 PROMOTE = f"""
 import sys
-from {PACKAGE} import registry
-from {PACKAGE}.config import load_params
+from {PACKAGE}.registry import store as registry
+from {PACKAGE}.core.config import load_params
 params = load_params().mlflow
 registry.configure(params)
 registry.promote(params.model_name, sys.argv[1])

@@ -101,7 +101,7 @@ def test_predict_session_reproduces_the_champion_s_test_accuracy(trained: Projec
 def test_chunked_scoring_writes_what_one_chunk_writes(trained: Project, batch, tmp_path):
     folder, output = batch
     chunked = tmp_path / "chunked.parquet"
-    trained.py("-m", f"{PACKAGE}.predict", "--input", str(folder / "rows.parquet"),
+    trained.py("-m", f"{PACKAGE}.serving.batch", "--input", str(folder / "rows.parquet"),
                "--output", str(chunked), "--chunk-rows", "7", "--no-progress")  # fmt: skip
     got, expected = read(trained, chunked), read(trained, output)
     classes = _classes(trained)
@@ -142,7 +142,7 @@ def test_bad_rows_are_rejected_with_number_and_reason(trained: Project, batch, t
     assert rejects["row_id"] == [2, 5]
     assert rejects["reason"] == [f"{first}: 'n/a?' is not numeric", f"{first}: missing value"]
     assert read(trained, output)["row_id"] == [i for i in range(int(n)) if i not in (2, 5)]
-    scorer = ("-m", f"{PACKAGE}.predict")
+    scorer = ("-m", f"{PACKAGE}.serving.batch")
     assert trained.py(*scorer, *args, "--allow-rejects").returncode == 0
 
     absent = tmp_path / "absent.parquet"

@@ -142,7 +142,7 @@ def test_example_lock_is_portable() -> None:
     assert all(source == {"registry": "https://pypi.org/simple"} for source in sources.values())
 
 
-# --- the noxfile's choice of PyTorch build (a fake driver probe) ------------------------------
+# --- the noxfile's choice of PyTorch build (tools/environment.py; a fake driver probe) ---------
 
 
 def unregistered_session(*args, **kwargs):
@@ -165,7 +165,8 @@ def noxfiles(renderer, tmp_path_factory) -> dict[str, ModuleType]:
 
 def plan(noxfile: ModuleType, driver: bool, platform: str = "linux", **environ: str) -> list[str]:
     probe: Callable[[], bool] = lambda: driver  # noqa: E731
-    return noxfile.torch_install(VERSION, environ, driver=probe, platform=platform)
+    backend = noxfile.TORCH_BACKEND
+    return noxfile.environment.torch_install(VERSION, environ, backend, probe, platform)
 
 
 def test_auto_takes_cuda_where_a_driver_is_found(noxfiles) -> None:
@@ -209,16 +210,16 @@ def test_overrides_win_and_keep_the_locked_version(noxfiles) -> None:
 def test_driver_probe_finds_nvidia_smi(noxfiles, tmp_path: Path, monkeypatch) -> None:
     noxfile = noxfiles["auto"]
     monkeypatch.setenv("PATH", str(tmp_path))
-    if noxfile.nvidia_driver():
+    if noxfile.environment.nvidia_driver():
         pytest.skip("a driver is loaded here: no machine without one to compare with")
     monkeypatch.setenv("PATH", fake_program(tmp_path, "nvidia-smi", "exit 0"))
-    assert noxfile.nvidia_driver()
+    assert noxfile.environment.nvidia_driver()
 
 
 def test_cuda_only_packages_of_the_example_lock(noxfiles) -> None:
     """PyPI's CUDA build brings nvidia-*, cuda-* and triton; the CPU build needs none of them."""
     packages = lock_packages(EXAMPLE / "uv.lock")
-    left_out = noxfiles["auto"].cuda_only(packages)
+    left_out = noxfiles["auto"].environment.cuda_only(packages)
     names = {p["name"] for p in packages}
     assert left_out == {name for name in names if is_cuda_runtime(name)}
     assert "triton" in left_out
@@ -242,7 +243,7 @@ def test_cuda_only_keeps_what_another_package_needs(noxfiles) -> None:
         {"name": "nvidia-ml-py"},
         {"name": "sympy"},
     ]
-    assert noxfiles["auto"].cuda_only(packages) == {"nvidia-cublas", "nvidia-cuda-runtime"}
+    assert noxfiles["auto"].environment.cuda_only(packages) == {"nvidia-cublas", "nvidia-cuda-runtime"}
 
 
 # --- installing from the lock (e2e) -----------------------------------------------------------

@@ -140,7 +140,7 @@ def test_answer_matrix(pristine: Project, tmp_path: Path) -> None:
         by_package.setdefault(answers.get("package_name", "my_ml_project"), []).append(project)
     for package, group in by_package.items():
         check = (
-            f"import sys; from {package}.config import load_params\n"
+            f"import sys; from {package}.core.config import load_params\n"
             "for path in sys.argv[1:]: load_params(path)"
         )
         pristine.run(
