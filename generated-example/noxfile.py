@@ -21,15 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tomllib
-from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import nox
-from packaging.utils import parse_wheel_filename
 
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "none"
@@ -39,145 +35,27 @@ PACKAGE = "my_ml_project"
 # UV_PYTHON (uv's own setting; CI sets it per job of its Python matrix) picks another version.
 PYTHON = os.environ.get("UV_PYTHON") or "3.11"
 TORCH_BACKEND = "auto"  # the accelerator answer, as uv's --torch-backend names it
-LOCK = ROOT / "uv.lock"
 VENV = ROOT / os.environ.get("UV_PROJECT_ENVIRONMENT", ".venv")
-# For the commands. Bytecode caches stay on even where PYTHONDONTWRITEBYTECODE is set (CI images
-# often set it): without them every stage compiles torch and mlflow from source, 10-20 s a time.
-ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": None}
-
-# Why `uv sync` alone does not install torch. A lock holding each build (uv's documented `cpu` /
-# `cu128` extras, each from its PyTorch index) can only be made where download.pytorch.org
-# answers, and a wheel-folder override would be written into it as a path no other machine has.
-# So uv.lock resolves torch from PyPI like the rest and stays portable: it pins torch's version
-# and everything else, with hashes. PyPI's Linux build is the CUDA one (GBs of nvidia-* wheels,
-# listed in the lock), so outside macOS the sync leaves out torch and what only that build needs,
-# and torch==<locked> comes in the build this machine wants, through uv's `--torch-backend` or an
-# override. The cost: the build itself is not hash-locked, only its version. On macOS PyPI's
-# build (MPS) is the right one and comes from the lock. torch is the `torch` extra, so that a
-# bare `uv run` (which syncs without extras, keeping what is there) never swaps the build.
-
-
-def nvidia_driver() -> bool:
-    """Whether an NVIDIA driver is installed: what uv's own `--torch-backend auto` looks for."""
-    files = ("/sys/module/nvidia/version", "/proc/driver/nvidia/version")
-    return any(Path(f).exists() for f in files) or shutil.which("nvidia-smi") is not None
-
-
-def torch_install(
-    version: str,
-    environ: Mapping[str, str],
-    driver: Callable[[], bool] = nvidia_driver,
-    platform: str = sys.platform,
-) -> list[str]:
-    """`uv pip install` arguments for torch ``version`` in this machine's build ([]: the locked)."""
-    if folder := environ.get("TORCH_FIND_LINKS"):
-        return ["--no-index", "--find-links", folder, f"torch=={version}"]
-    if index := environ.get("TORCH_INDEX_URL"):
-        return ["--index", index, f"torch=={version}"]
-    if platform == "darwin":
-        return []
-    backend = environ.get("UV_TORCH_BACKEND") or TORCH_BACKEND
-    if backend == "auto" and not driver():
-        backend = "cpu"
-    # With a local tag (2.9.1+cpu) uv replaces a torch of another build; auto keeps any build.
-    build = "" if backend == "auto" else f"+{backend}"
-    return ["--torch-backend", backend, f"torch=={version}{build}"]
-
-
-def cuda_only(packages: Iterable[dict]) -> set[str]:
-    """Names in uv.lock that only PyPI's CUDA build of torch needs (nvidia-*, triton, ...).
-
-    Those are torch's dependencies under a platform marker, and theirs, less whatever the
-    project also needs another way (its other dependencies, the CPU build's own).
-    """
-    edges: dict[str, list[dict]] = {}
-    for package in packages:
-        groups = [
-            package.get("dependencies", []),
-            *package.get("optional-dependencies", {}).values(),
-            *package.get("dev-dependencies", {}).values(),
-        ]
-        edges.setdefault(package["name"], []).extend(dep for group in groups for dep in group)
-
-    def gated(name: str, dep: dict) -> bool:
-        return name == "torch" and "platform" in dep.get("marker", "")
-
-    def reach(names: Iterable[str], skip: Callable[[str, dict], bool]) -> set[str]:
-        seen: set[str] = set()
-        todo = list(names)
-        while todo:
-            name = todo.pop()
-            if name not in seen:
-                seen.add(name)
-                todo += [d["name"] for d in edges.get(name, []) if not skip(name, d)]
-        return seen
-
-    cuda = reach([d["name"] for d in edges.get("torch", []) if gated("torch", d)], lambda *_: False)
-    others = reach([n for n in edges if n != "torch" and n not in cuda], gated)
-    return cuda - others
-
-
-def _lock(session: nox.Session, *args: str) -> None:
-    """`uv lock`; with TORCH_FIND_LINKS, torch at the newest version its folder holds."""
-    if folder := os.environ.get("TORCH_FIND_LINKS"):
-        wheels = Path(folder.removeprefix("file://")).glob("torch-*.whl")
-        if versions := [parse_wheel_filename(w.name)[1] for w in wheels]:
-            args = ("--upgrade-package", f"torch=={max(versions).public}", *args)
-    session.run("uv", "lock", *args, external=True)
+sys.path.insert(0, str(ROOT))
+from tools import environment  # noqa: E402  (the environment's plumbing: uv, the torch build)
 
 
 def project_env(session: nox.Session, compile: bool = False) -> dict[str, str | None]:
-    """Bring the shared environment up to date (uv.lock, this machine's torch); return its env.
-
-    ``compile``: write the bytecode of every installed package now (uv compiles the whole
-    environment, ~0.5 s even when nothing changed, so only `nox -s install` asks for it).
-    """
-    if not LOCK.exists():
-        session.log("No uv.lock yet: locking the dependencies (commit uv.lock afterwards)")
-        _lock(session)
-    packages = tomllib.loads(LOCK.read_text(encoding="utf-8"))["package"]
-    version = next(p["version"] for p in packages if p["name"] == "torch")
-    torch = torch_install(version, os.environ)
-    # uv compiles the whole environment whichever command asks: the last one does.
-    compiled = ["--compile-bytecode"] if compile else []
-    sync = ["uv", "sync", "--locked", "--python", PYTHON, "--extra", "torch"]
-    if torch:
-        # --inexact: keep the torch installed below (and a CUDA build's own nvidia-* wheels).
-        skip = ["torch", *sorted(cuda_only(packages))]
-        sync += ["--inexact", *(f"--no-install-package={name}" for name in skip)]
-    session.run(*sync, *([] if torch else compiled), external=True)
-    if torch and (compile or not _torch_installed(torch[-1])):
-        pip = ["uv", "pip", "install", "--python", str(VENV), *compiled]
-        session.run(*pip, *torch, external=True)
-    return ENV
-
-
-def _torch_installed(requirement: str) -> bool:
-    """Whether ``torch==V`` (or ``V+build``) is what the environment holds: `uv pip install`
-    would change nothing (it answers in ~0.15 s, this in ~1 ms: it runs before every command)."""
-    wanted = requirement.partition("==")[2]
-    dists = [*VENV.glob("*/*/torch-*.dist-info"), *VENV.glob("*/*/*/torch-*.dist-info")]
-    found = [p.name.removeprefix("torch-").removesuffix(".dist-info") for p in dists]
-    return any(v == wanted or ("+" not in wanted and v.split("+")[0] == wanted) for v in found)
+    """Bring the shared environment up to date (see tools/environment.py); return its env."""
+    return environment.sync(session, VENV, PYTHON, TORCH_BACKEND, compile=compile)
 
 
 def run(
     session: nox.Session, *args: str, env: dict[str, str | None], **kwargs
 ) -> str | bool | None:
-    """Run a program of the project environment, activated (its bin folder first on PATH).
-
-    As `uv run --no-sync` would, without a uv process before each command.
-    """
-    bin_dir = VENV / ("Scripts" if sys.platform == "win32" else "bin")
-    active = {"VIRTUAL_ENV": str(VENV), "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]])}
-    program = shutil.which(args[0], path=str(bin_dir)) or args[0]
-    return session.run(program, *args[1:], env={**env, **active}, external=True, **kwargs)
+    """Run a program of the project environment, activated (as `uv run --no-sync` would)."""
+    return environment.run(session, VENV, *args, env=env, **kwargs)
 
 
 @nox.session(default=False)
 def lock(session: nox.Session) -> None:
     """Lock the dependencies into uv.lock (`-- --upgrade` moves them all forward); commit it."""
-    _lock(session, *session.posargs)
+    environment.lock(session, *session.posargs)
 
 
 @nox.session(default=False)
@@ -272,7 +150,8 @@ def evaluate(session: nox.Session) -> None:
 def mlflow_ui(session: nox.Session) -> None:
     """Start the MLflow UI for the project's tracking store on http://127.0.0.1:5000."""
     env = project_env(session)
-    uri = run(session, "python", "-m", f"{PACKAGE}.registry", "uri", env=env, silent=True).strip()
+    store = f"{PACKAGE}.registry.store"
+    uri = run(session, "python", "-m", store, "uri", env=env, silent=True).strip()
     port = session.posargs[0] if session.posargs else "5000"
     # Through the environment, not the command line nox prints: the URI may hold credentials.
     env = {**env, "MLFLOW_BACKEND_STORE_URI": uri}
@@ -302,14 +181,14 @@ def _serving_env(session: nox.Session) -> dict[str, str | None]:
 def deploy(session: nox.Session) -> None:
     """Build a Bento (`-- --version N | --alias A`, default champion; `--containerize`)."""
     env = _serving_env(session)
-    run(session, "python", "-m", f"{PACKAGE}.deploy", "deploy", *session.posargs, env=env)
+    run(session, "python", "-m", f"{PACKAGE}.serving.deploy", "deploy", *session.posargs, env=env)
 
 
 @nox.session(default=False)
 def serve(session: nox.Session) -> None:
     """Serve the latest Bento on 127.0.0.1:3000 (`-- --port P --host H`; `--reload`: the source)."""
     env = _serving_env(session)
-    run(session, "python", "-m", f"{PACKAGE}.deploy", "serve", *session.posargs, env=env)
+    run(session, "python", "-m", f"{PACKAGE}.serving.deploy", "serve", *session.posargs, env=env)
 
 
 @nox.session(default=False)
@@ -318,13 +197,13 @@ def audit(session: nox.Session) -> None:
 
     Runs without the project environment (uv and the lock are all it needs, so a CI audit job
     installs no torch). Exits with the audit's own code: 1 something to fix, 2 bad input,
-    3 the advisory service could not be reached (see src/my_ml_project/audit.py).
+    3 the advisory service could not be reached (see tools/audit.py).
     """
     # UV_PYTHON may name an interpreter (a path): the audit wants a version.
     version = PYTHON if PYTHON[:1].isdigit() else "3.11"
-    command = [sys.executable, "-m", f"{PACKAGE}.audit", "--python-version", version]
+    command = [sys.executable, "tools/audit.py", "--python-version", version]
     session.log(" ".join(["python", *command[1:]]))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = dict(os.environ)
     code = subprocess.run([*command, *session.posargs], cwd=ROOT, env=env).returncode
     if code:
         # nox would turn any failure into exit code 1; SystemExit passes the audit's code on.
@@ -333,23 +212,23 @@ def audit(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def predict(session: nox.Session) -> None:
-    """Batch scoring: -- --input FILE --output FILE [--version N | --alias A] (see predict.py)."""
+    """Batch scoring: -- --input FILE --output FILE [--version N | --alias A] (serving/batch.py)."""
     env = project_env(session)
-    run(session, "python", "-m", f"{PACKAGE}.predict", *session.posargs, env=env)
+    run(session, "python", "-m", f"{PACKAGE}.serving.batch", *session.posargs, env=env)
 
 
 @nox.session(default=False)
 def monitor(session: nox.Session) -> None:
     """Drift and quality of served traffic (`-- --last N | --since T | --current F | --no-fail`)."""
     env = project_env(session)
-    run(session, "python", "-m", f"{PACKAGE}.monitor", *session.posargs, env=env)
+    run(session, "python", "-m", f"{PACKAGE}.monitoring.monitor", *session.posargs, env=env)
 
 
 @nox.session(default=False)
 def simulate(session: nox.Session) -> None:
-    """Demo traffic: -- --url URL --rows N --drift D [--seed S] [--feedback] (see simulate.py)."""
+    """Demo traffic: -- --url URL --rows N --drift D [--seed S] [--feedback] (monitoring/)."""
     env = project_env(session)
-    run(session, "python", "-m", f"{PACKAGE}.simulate", *session.posargs, env=env)
+    run(session, "python", "-m", f"{PACKAGE}.monitoring.simulate", *session.posargs, env=env)
 
 
 @nox.session(default=False)
@@ -358,7 +237,7 @@ def retrain(session: nox.Session) -> None:
     env = project_env(session)
     state = ROOT / "data" / "retrain.json"
     before = state.read_bytes() if state.exists() else None
-    run(session, "python", "-m", f"{PACKAGE}.retrain", *session.posargs, env=env)
+    run(session, "python", "-m", f"{PACKAGE}.monitoring.retrain", *session.posargs, env=env)
     if "--dry-run" in session.posargs or (state.read_bytes() if state.exists() else None) == before:
         return  # nothing added: the pipeline is not rerun
     run(session, "dvc", "repro", env=env)
@@ -369,8 +248,8 @@ def retrain(session: nox.Session) -> None:
 def rollback(session: nox.Session) -> None:
     """Move `champion` back to the previous champion, then ship it as `deploy` does."""
     env = _serving_env(session)
-    run(session, "python", "-m", f"{PACKAGE}.registry", "rollback", env=env)
-    run(session, "python", "-m", f"{PACKAGE}.deploy", "deploy", env=env)
+    run(session, "python", "-m", f"{PACKAGE}.registry.store", "rollback", env=env)
+    run(session, "python", "-m", f"{PACKAGE}.serving.deploy", "deploy", env=env)
     session.log("restart the service (`nox -s serve`) to serve the rolled-back model")
 
 

@@ -23,8 +23,8 @@ import mlflow
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from my_ml_project.config import load_params
-from my_ml_project.registry import CHAMPION, get_alias_version, tracking_uri
+from my_ml_project.core.config import load_params
+from my_ml_project.registry.store import CHAMPION, get_alias_version, tracking_uri
 
 
 def main() -> None:

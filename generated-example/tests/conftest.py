@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from my_ml_project.config import Params, load_params
-from my_ml_project.data import prepare
+from my_ml_project.core.config import Params, load_params
+from my_ml_project.data.prepare import prepare
 
 # Tests may find the project's own files from here; package code never does.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

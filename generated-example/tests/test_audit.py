@@ -12,8 +12,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-
-from my_ml_project.audit import (
+from tools.audit import (
     BAD_INPUT,
     FIX,
     OK,

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from my_ml_project.config import ProjectError, load_params, parse_params
-from my_ml_project.data import main as prepare_main
+from my_ml_project.core.config import ProjectError, load_params, parse_params
+from my_ml_project.data.prepare import main as prepare_main
 
 
 def with_change(raw: dict[str, Any], section: str, key: str, value: Any) -> dict[str, Any]:

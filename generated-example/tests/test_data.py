@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from my_ml_project.config import Params, load_params
-from my_ml_project.data import (
+from my_ml_project.core.config import Params, load_params
+from my_ml_project.core.features import kinds_of
+from my_ml_project.data.prepare import (
     DataError,
     Schema,
     load_split,
@@ -21,7 +22,6 @@ from my_ml_project.data import (
     read_raw,
     split_frame,
 )
-from my_ml_project.features import kinds_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FEATURES = [f"feature_{i}" for i in range(4)]

@@ -21,10 +21,13 @@ import pytest
 import torch
 from torch import nn
 
-from my_ml_project import evaluate, registry, train
-from my_ml_project.config import ModelParams, Params
-from my_ml_project.data import load_split
-from my_ml_project.model import TabularClassifier, build_model, save_model
+from my_ml_project.core import paths
+from my_ml_project.core.config import ModelParams, Params
+from my_ml_project.data.prepare import load_split
+from my_ml_project.evaluation import evaluate
+from my_ml_project.model.network import TabularClassifier, build_model, save_model
+from my_ml_project.registry import store as registry
+from my_ml_project.training import train
 
 GATE_KEYS = {
     "decision",
@@ -90,7 +93,7 @@ def constant_model() -> TabularClassifier:
 
 def publish(model: TabularClassifier, params: Params) -> dict[str, str]:
     """What train does after fitting: save, log and register the model, write models/run.json."""
-    save_model(model, evaluate.MODEL_PATH)
+    save_model(model, paths.MODEL_FILE)
     registry.configure(params.mlflow)
     example = pd.DataFrame(np.ones((2, len(model.feature_names))), columns=model.feature_names)
     with mlflow.start_run() as run:
@@ -101,12 +104,12 @@ def publish(model: TabularClassifier, params: Params) -> dict[str, str]:
         "model_name": name,
         "model_version": registry.register(logged.model_uri, name),
     }
-    evaluate.RUN_INFO_PATH.write_text(json.dumps(info))
+    paths.RUN_FILE.write_text(json.dumps(info))
     return info
 
 
 def gate() -> dict[str, Any]:
-    return json.loads(evaluate.GATE_PATH.read_text())
+    return json.loads(paths.GATE_FILE.read_text())
 
 
 def version_tags(name: str, version: str) -> dict[str, str]:
@@ -127,7 +130,7 @@ def test_first_model_is_promoted(params: Params, capsys: pytest.CaptureFixture[s
     assert decision["decision"] == "promoted"
     assert decision["candidate_score"] > decision["baseline_score"]
 
-    metrics = json.loads(evaluate.METRICS_PATH.read_text())
+    metrics = json.loads(paths.EVAL_METRICS.read_text())
     expected = (
         "accuracy",
         "f1",
@@ -154,12 +157,12 @@ def test_plots_parse(params: Params) -> None:
     publish(good_model(), params)
     assert evaluate.main([]) == 0
     _, y, schema = load_split("test")
-    with evaluate.CONFUSION_PATH.open() as f:
+    with paths.CONFUSION_FILE.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(y)
     assert {r["actual"] for r in rows} | {r["predicted"] for r in rows} <= set(schema.classes)
     assert sorted(r["actual"] for r in rows) == sorted(schema.classes[i] for i in y)
-    with evaluate.CURVE_PATH.open() as f:
+    with paths.CURVE_FILE.open() as f:
         curve = [(float(r["x"]), float(r["y"])) for r in csv.DictReader(f)]
     assert curve[0] == (0.0, 0.0)
     assert curve[-1] == (1.0, 1.0)
@@ -217,7 +220,7 @@ def test_no_better_than_baseline_fails_the_gate(
     assert registry.get_alias_version(name, registry.CHALLENGER) is None  # a tag, no alias
     assert version_tags(name, version)["gate"] == "failed"
     assert gate()["decision"] == "failed"
-    f1 = json.loads(evaluate.METRICS_PATH.read_text())["f1"]
+    f1 = json.loads(paths.EVAL_METRICS.read_text())["f1"]
     assert f1 == pytest.approx(gate()["baseline_score"], abs=1e-6)
 
 

@@ -14,9 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from my_ml_project import evaluate, registry, train
-from my_ml_project.config import Params
-from my_ml_project.data import prepare
+from my_ml_project.core import paths
+from my_ml_project.core.config import Params
+from my_ml_project.data.prepare import prepare
+from my_ml_project.evaluation import evaluate
+from my_ml_project.registry import store as registry
+from my_ml_project.training import train
 
 
 @pytest.fixture
@@ -37,7 +40,7 @@ def test_mixed_csv_trains_registers_and_serves_raw_rows(
     run = train.run(params)
     decision = evaluate.evaluate(params)
     assert decision.decision == "promoted"
-    metrics = json.loads(evaluate.METRICS_PATH.read_text())
+    metrics = json.loads(paths.EVAL_METRICS.read_text())
     assert metrics["accuracy"] >= metrics["baseline_accuracy"] + 0.15, metrics
 
     # The registered model declares the CSV's column types, not the encoded numbers.

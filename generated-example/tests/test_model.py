@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from my_ml_project.config import ModelParams, ProjectError
-from my_ml_project.data import Schema
-from my_ml_project.model import (
+from my_ml_project.core.config import ModelParams, ProjectError
+from my_ml_project.data.prepare import Schema
+from my_ml_project.model.network import (
     ModelInputError,
     TabularClassifier,
     build_model,

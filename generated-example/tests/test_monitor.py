@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from my_ml_project.config import MonitorParams, Params, load_params
-from my_ml_project.data import Schema, load_frame, prepare
-from my_ml_project.fileio import file_md5
-from my_ml_project.monitor import (
+from my_ml_project.core.config import MonitorParams, Params, load_params
+from my_ml_project.core.fileio import file_md5
+from my_ml_project.data.prepare import Schema, load_frame, prepare
+from my_ml_project.monitoring.monitor import (
     PREDICTION,
     MonitorError,
     Traffic,
@@ -25,8 +25,8 @@ from my_ml_project.monitor import (
     read_feedback,
     read_log,
 )
-from my_ml_project.predlog import PredictionLog, count_rows
-from my_ml_project.retrain import RetrainError, check_versioned, csv_lines
+from my_ml_project.monitoring.retrain import RetrainError, check_versioned, csv_lines
+from my_ml_project.serving.predlog import PredictionLog, count_rows
 
 PARAMS = MonitorParams(min_rows=20, min_labelled_rows=10)
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from my_ml_project import predict
-from my_ml_project.model import TabularClassifier, predict_frame, save_model
+from my_ml_project.model.network import TabularClassifier, predict_frame, save_model
+from my_ml_project.serving import batch as predict
 
 FEATURES = ["size", "plan", "renew"]
 

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from my_ml_project import registry
-from my_ml_project.config import MlflowParams, ModelParams, ProjectError, load_params
-from my_ml_project.data import load_split
-from my_ml_project.model import TabularClassifier, build_model
+from my_ml_project.core import layout
+from my_ml_project.core.config import MlflowParams, ModelParams, ProjectError, load_params
+from my_ml_project.data.prepare import load_split
+from my_ml_project.model.network import TabularClassifier, build_model
+from my_ml_project.registry import store as registry
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +152,11 @@ def test_logged_model_is_a_pyfunc_that_answers_in_labels(
     pins = dict(line.split("==") for line in requirements.split())
     assert {"mlflow", "torch", "numpy", "pandas", "cloudpickle"} <= pins.keys()
     assert "+" not in pins["torch"], "a local tag such as +cpu does not resolve on PyPI"
-    shipped = {Path(f).name for f in _artifact_files(info.model_uri) if "/code/" in f}
-    assert shipped == set(registry.MODEL_MODULES), "only what loading the model imports"
+    shipped = {f.split("/code/", 1)[1] for f in _artifact_files(info.model_uri) if "/code/" in f}
+    package = layout.ROOT.name
+    files = layout.source_files("model.pyfunc")
+    wanted = {f"{package}/{p.relative_to(layout.ROOT).as_posix()}" for p in files}
+    assert shipped == wanted, "only what loading the model imports: the package's core/ and model/"
     assert info.signature.inputs.input_names() == model.feature_names
     assert info.signature.outputs.input_names() == ["label", *model.class_names]
     assert info.metadata["class_names"] == model.class_names

@@ -9,9 +9,8 @@ import threading
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from my_ml_project.features import FeatureSpec
-from my_ml_project.predlog import PredictionLog
-from my_ml_project.serving import (
+from my_ml_project.core.features import FeatureSpec
+from my_ml_project.serving.contract import (
     Batcher,
     FeedbackError,
     RecentRequests,
@@ -19,6 +18,7 @@ from my_ml_project.serving import (
     feedback_labels,
     rows_type,
 )
+from my_ml_project.serving.predlog import PredictionLog
 
 SPEC = FeatureSpec.build(
     ["size", "member", "plan"],

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 import torch
 
-from my_ml_project import checkpoint, loop, train
-from my_ml_project.checkpoint import fingerprint, read_checkpoint
-from my_ml_project.config import Params, ProjectError
-from my_ml_project.data import load_train_data
-from my_ml_project.distributed import DistContext, amp_dtype, resolve_device
-from my_ml_project.fileio import file_md5
-from my_ml_project.loop import FitResult, epoch_indices, fit
-from my_ml_project.model import build_model, load_model
-from my_ml_project.train import main, run, seed_everything
+from my_ml_project.core.config import Params, ProjectError
+from my_ml_project.core.fileio import file_md5
+from my_ml_project.data.prepare import load_train_data
+from my_ml_project.model.network import build_model, load_model
+from my_ml_project.training import checkpoint, loop, train
+from my_ml_project.training.checkpoint import fingerprint, read_checkpoint
+from my_ml_project.training.distributed import DistContext, amp_dtype, resolve_device
+from my_ml_project.training.loop import FitResult, epoch_indices, fit
+from my_ml_project.training.train import main, run, seed_everything
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -39,7 +39,7 @@ def stop_after(epochs: int) -> Callable[[int, dict[str, float]], None]:
 @pytest.fixture(scope="session")
 def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One SQLite store for the whole session: creating one costs seconds."""
-    from my_ml_project.registry import init_store
+    from my_ml_project.registry.store import init_store
 
     uri = f"sqlite:///{(tmp_path_factory.mktemp('mlflow') / 'mlflow.db').as_posix()}"
     init_store(uri)

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import ProjectError, cli_errors
-from .data import Schema, load_frame
-from .deploy import post
-from .features import BOOLEAN, NUMERIC
+from ..core.config import ProjectError, cli_errors
+from ..core.features import BOOLEAN, NUMERIC
+from ..data.prepare import Schema, load_frame
+from ..serving.deploy import post
 
 
 def shifted_features(schema: Schema) -> list[str]:

@@ -29,20 +29,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .features import category_label
-from .fileio import atomic_write_text
+from ..core.features import category_label
+from ..core.fileio import atomic_write_text
+from ..core.paths import LOGGED_MODELS_DIR, PREDICTION_LOG_DIR, PREDICTION_LOG_ENV
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS, FEEDBACK = "predictions", "feedback"
-MODELS_DIR = "models"
-FOLDER_ENV = "PREDICTION_LOG_DIR"
-DEFAULT_FOLDER = Path("logs/predictions")
 
 
 def log_folder(explicit: Path | None = None) -> Path:
     """Where the log is: ``explicit``, else ``PREDICTION_LOG_DIR``, else ``logs/predictions``."""
-    return explicit or Path(os.environ.get(FOLDER_ENV) or DEFAULT_FOLDER)
+    return explicit or Path(os.environ.get(PREDICTION_LOG_ENV) or PREDICTION_LOG_DIR)
 
 
 class PredictionLog:
@@ -133,7 +131,7 @@ class PredictionLog:
 
     def describe(self, version: str, card: dict[str, Any]) -> None:
         """Write ``models/<version>.json`` (the model's classes, kinds and test metrics)."""
-        path = self.folder / MODELS_DIR / f"{version}.json"
+        path = self.folder / LOGGED_MODELS_DIR / f"{version}.json"
         text = json.dumps(card, indent=2, sort_keys=True) + "\n"
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.parent.mkdir(parents=True, exist_ok=True)

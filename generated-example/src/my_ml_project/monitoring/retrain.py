@@ -27,14 +27,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .config import ProjectError, cli_errors, load_params
-from .data import PROCESSED_DIR, SCHEMA_FILE, Schema
-from .fileio import atomic_write, atomic_write_text, file_md5
+from ..core.config import ProjectError, cli_errors, load_params
+from ..core.fileio import atomic_write, atomic_write_text, file_md5
+from ..core.paths import DVC_CACHE, PROCESSED_DIR, RETRAIN_STATE, SCHEMA_FILE
+from ..data.prepare import Schema
+from ..serving.predlog import log_folder
 from .monitor import read_feedback, read_log
-from .predlog import log_folder
-
-STATE = Path("data/retrain.json")
-DVC_CACHE = Path(".dvc/cache/files/md5")
 
 
 class RetrainError(ProjectError):
@@ -141,16 +139,20 @@ def append_version(raw: Path, rows: pd.DataFrame) -> str:
 
 def _commit(raw: Path, rows: int) -> None:
     dvc_file = raw.with_name(raw.name + ".dvc")
-    _git("add", "--", str(dvc_file), str(STATE))
+    _git("add", "--", str(dvc_file), str(RETRAIN_STATE))
     message = f"retrain: {rows} labelled production rows added to {raw}"
-    _git("commit", "--quiet", "-m", message, "--", str(dvc_file), str(STATE))
+    _git("commit", "--quiet", "-m", message, "--", str(dvc_file), str(RETRAIN_STATE))
 
 
 def retrain(log_dir: Path, dry_run: bool, commit: bool) -> dict[str, Any]:
     params = load_params()
     raw = Path(params.data.raw_path)
     schema = Schema.load(PROCESSED_DIR / SCHEMA_FILE)
-    state = json.loads(STATE.read_text(encoding="utf-8")) if STATE.exists() else {"history": []}
+    state = (
+        json.loads(RETRAIN_STATE.read_text(encoding="utf-8"))
+        if RETRAIN_STATE.exists()
+        else {"history": []}
+    )
     after = state.get("feedback_until")
     rows, orphans = labelled_rows(log_dir, schema, after)
     summary: dict[str, Any] = {
@@ -170,7 +172,7 @@ def retrain(log_dir: Path, dry_run: bool, commit: bool) -> dict[str, Any]:
     entry = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "rows": len(rows),
              "feedback_until": until, "md5_before": before, "md5_after": after_md5}  # fmt: skip
     state = {"feedback_until": until, "history": [*state.get("history", []), entry]}
-    atomic_write_text(STATE, json.dumps(state, indent=2) + "\n")
+    atomic_write_text(RETRAIN_STATE, json.dumps(state, indent=2) + "\n")
     if commit:
         _commit(raw, len(rows))
     summary |= {"md5_before": before, "md5_after": after_md5}

@@ -15,9 +15,8 @@ from typing import Any
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from .model import TabularClassifier, load_model, predict_frame
-
-WEIGHTS = "model.pt"  # the artifact key and file name inside the logged model
+from ..core.paths import WEIGHTS
+from .network import TabularClassifier, load_model, predict_frame
 
 
 class TabularPyfunc(PythonModel):

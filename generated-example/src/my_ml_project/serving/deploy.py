@@ -32,23 +32,25 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .config import ProjectError, cli_errors, load_params
-from .predlog import FOLDER_ENV, log_folder
-from .serving import torch_backend
+from ..core import layout
+from ..core.config import ProjectError, cli_errors, load_params
+from ..core.paths import (
+    DEPLOYMENT_FILE,
+    IMAGE_ENV_FILE,
+    MODEL_NAME,
+    PACKAGE,
+    PREDICTION_LOG_ENV,
+    SBOM_DIR,
+    WEIGHTS,
+    module,
+)
+from ..core.paths import SOURCE_DIR as SRC
+from .contract import torch_backend
+from .predlog import log_folder
 
-PACKAGE = __package__
-MODEL_NAME = PACKAGE.replace("_", "-")  # as service.py names it
-SERVICE = f"{PACKAGE}.service:Predictor"
-# What the service imports: the Bento holds these and nothing else of the project.
-SERVICE_MODULES = (
-    "__init__.py", "config.py", "features.py", "fileio.py", "model.py",
-    "predlog.py", "serving.py", "service.py",
-)  # fmt: skip
-DEPLOYMENT = "deployment.json"  # the served and shadow model tags, read by service.py
+SERVICE = f"{module('serving.service')}:Predictor"
 PYTORCH_INDEX = "https://download.pytorch.org/whl/{}"
 CUDA_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04"
-SRC = Path("src")
-SBOM_DIR = Path("build/sbom")  # what CI publishes beside the image
 
 
 class DeployError(ProjectError):
@@ -59,8 +61,8 @@ def import_model(name: str, selector: dict[str, str]) -> Any:
     """The BentoML model of a registry version (imported now unless it is there already)."""
     import bentoml
 
-    from . import registry
-    from .model import save_model
+    from ..model.network import save_model
+    from ..registry import store as registry
 
     registry.configure(load_params().mlflow)
     version = selector.get("version") or registry.get_alias_version(name, selector["alias"])
@@ -84,13 +86,13 @@ def import_model(name: str, selector: dict[str, str]) -> Any:
         "config": model.config(),
     }
     with bentoml.models.create(MODEL_NAME, metadata=metadata, labels={"stage": "served"}) as bm:
-        save_model(model, bm.path_of("model.pt"))
+        save_model(model, bm.path_of(WEIGHTS))
     return bentoml.models.get(bm.tag)
 
 
 def shadow_model(name: str, served: Any) -> Any:
     """The challenger, imported, to score in the shadow of ``served`` (None: no challenger)."""
-    from . import registry
+    from ..registry import store as registry
 
     version = registry.get_alias_version(name, registry.CHALLENGER)
     if version is None or version == served.info.metadata["registry_version"]:
@@ -178,8 +180,8 @@ def write_sbom(bento: Any, folder: Path = SBOM_DIR) -> Path:
 def _source_hash(models: dict[str, str | None]) -> str:
     digest = hashlib.sha256(json.dumps(models, sort_keys=True).encode())
     digest.update(torch_backend().encode())
-    for name in (*SERVICE_MODULES, "../../uv.lock"):
-        digest.update((SRC / PACKAGE / name).read_bytes())
+    for path in [*layout.source_files("serving.service"), SRC.parent / "uv.lock"]:
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -198,7 +200,7 @@ def build_bento(model: Any, shadow: Any = None) -> Any:
     docker |= {"base_image": CUDA_IMAGE} if cuda else {"python_version": _python()}
     # BentoML reads these files only inside build_ctx: written there for the build, then removed.
     requirements = _requirements(SRC)
-    deployment = SRC / PACKAGE / DEPLOYMENT
+    deployment = SRC / PACKAGE / "serving" / DEPLOYMENT_FILE
     deployment.write_text(json.dumps(models, indent=2) + "\n", encoding="utf-8")
     try:
         return bentoml.bentos.build(
@@ -206,7 +208,7 @@ def build_bento(model: Any, shadow: Any = None) -> Any:
             name=MODEL_NAME,
             labels={"source": source, **{k: v for k, v in models.items() if v}},
             build_ctx=str(SRC),
-            include=[f"{PACKAGE}/{name}" for name in (*SERVICE_MODULES, DEPLOYMENT)],
+            include=_included(deployment),
             python={"requirements_txt": requirements.name, "lock_packages": False},
             docker=docker,
             models=[tag for tag in models.values() if tag],
@@ -214,6 +216,14 @@ def build_bento(model: Any, shadow: Any = None) -> Any:
     finally:
         requirements.unlink()
         deployment.unlink()
+
+
+def _included(*extra: Path) -> list[str]:
+    """What the Bento holds of the project, relative to ``src/``: the subpackages the service
+    imports (derived from its imports, never listed by hand), and ``extra``."""
+    files = [*layout.source_files("serving.service"), *(p.resolve() for p in extra)]
+    package = layout.ROOT.parent
+    return [path.relative_to(package).as_posix() for path in files]
 
 
 def _python() -> str:
@@ -264,17 +274,17 @@ def smoke_test(tag: str) -> None:
     model's own (labels equal, probabilities within 1e-5)."""
     import bentoml
 
-    from .data import load_frame
-    from .model import load_model, predict_frame
+    from ..data.prepare import load_frame
+    from ..model.network import load_model, predict_frame
 
     frame, schema = load_frame("test")
     rows = json.loads(frame[schema.features].to_json(orient="records"))
     stored = bentoml.models.get(bentoml.get(tag).info.labels["model"])
-    model = load_model(stored.path_of("model.pt"))
+    model = load_model(stored.path_of(WEIGHTS))
     expected = predict_frame(model, frame[schema.features])
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="smoke-log-") as logs:
-        env = {**os.environ, "PREDICTION_LOG_DIR": logs, "SERVICE_API_TOKEN": ""}
+        env = {**os.environ, PREDICTION_LOG_ENV: logs, "SERVICE_API_TOKEN": ""}
         proc = subprocess.Popen(
             ["bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -351,7 +361,7 @@ def push_image(engine: str, image: str) -> None:
     inspect = [engine, "image", "inspect", "--format", "{{index .RepoDigests 0}}", image]
     pinned = subprocess.run(inspect, check=True, capture_output=True, text=True).stdout.strip()
     repository, _, digest = pinned.partition("@")
-    out = Path("build") / "image.env"
+    out = IMAGE_ENV_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"image={repository}\ndigest={digest}\n", encoding="utf-8")
     print(f"pushed: {repository}@{digest}")
@@ -369,7 +379,7 @@ def serve(host: str, port: int, reload: bool) -> None:
         except bentoml.exceptions.NotFound:
             raise DeployError("no Bento built yet: run `nox -s deploy` first") from None
     # Resolved here: bentoml serve runs the service from the Bento's folder.
-    os.environ[FOLDER_ENV] = str(log_folder().resolve())
+    os.environ[PREDICTION_LOG_ENV] = str(log_folder().resolve())
     command = ["bentoml", "serve", *target, "--host", host, "--port", str(port)]
     os.execvp(command[0], command)
 

@@ -16,24 +16,20 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import Params
-from .data import TrainData
-from .fileio import atomic_write_text
-from .model import save_model
+from ..core.config import Params
+from ..core.fileio import atomic_write_text
+from ..core.paths import HISTORY_FILE, MODEL_FILE, RUN_FILE, TRAIN_METRICS
+from ..data.prepare import TrainData
+from ..model.network import save_model
 
 if TYPE_CHECKING:
     from .distributed import DistContext
     from .loop import FitResult
 
-MODEL_PATH = Path("models/model.pt")
-RUN_PATH = Path("models/run.json")
-METRICS_PATH = Path("metrics/train.json")
-HISTORY_PATH = Path("metrics/history.csv")
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy")
 
 
@@ -82,7 +78,7 @@ class Tracker:
         history: list[dict[str, float]],
         tags: dict[str, str],
     ) -> None:
-        from . import registry
+        from ..registry import store as registry
 
         self.uri = registry.configure(params.mlflow)
         self.run_id, self.experiment_id, logged = registry.open_run(run_id, params.flat(), tags)
@@ -92,12 +88,12 @@ class Tracker:
 
     def log_epochs(self, rows: list[dict[str, float]]) -> None:
         """Log the history rows of epochs a checkpoint holds, in one request."""
-        from . import registry
+        from ..registry import store as registry
 
         registry.log_epochs(self.run_id, rows)
 
     def end(self, status: str) -> None:
-        from . import registry
+        from ..registry import store as registry
 
         registry.end_run(status)
 
@@ -129,12 +125,12 @@ def write_outputs(result: FitResult, ctx: DistContext) -> dict[str, float]:
         "loop_samples_per_s": round(result.loop_samples_per_s, 1),
         "world_size": ctx.world_size,
     }
-    atomic_write_text(METRICS_PATH, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(TRAIN_METRICS, json.dumps(metrics, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(result.history)
-    atomic_write_text(HISTORY_PATH, buffer.getvalue())
+    atomic_write_text(HISTORY_FILE, buffer.getvalue())
     return metrics
 
 
@@ -151,12 +147,12 @@ def publish(
     A retry after a crash that came after the registration finds this run's version and
     registers no second one.
     """
-    from . import registry
+    from ..registry import store as registry
 
     model = result.model.to("cpu").eval()
-    save_model(model, MODEL_PATH)
+    save_model(model, MODEL_FILE)
     metrics = write_outputs(result, ctx)
-    registry.log_run_outputs(tracker.run_id, metrics, HISTORY_PATH)
+    registry.log_run_outputs(tracker.run_id, metrics, HISTORY_FILE)
     name = params.mlflow.model_name
     version = registry.version_of_run(name, tracker.run_id)
     if version is None:
@@ -178,10 +174,10 @@ def publish(
         "torch": torch.__version__,
         "data_md5": data.md5,
     }
-    atomic_write_text(RUN_PATH, json.dumps(run, indent=2) + "\n")
+    atomic_write_text(RUN_FILE, json.dumps(run, indent=2) + "\n")
     print(
         f"trained {result.epochs_run} epochs (best {result.best_epoch}: val_loss "
         f"{result.best_val_loss:.4f}, val_accuracy {result.best_val_accuracy:.4f}; "
-        f"{result.samples_per_s:,.0f} samples/s) -> {MODEL_PATH}, registered {name} v{version}"
+        f"{result.samples_per_s:,.0f} samples/s) -> {MODEL_FILE}, registered {name} v{version}"
     )
     return run

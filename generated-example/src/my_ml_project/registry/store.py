@@ -1,6 +1,6 @@
 """MLflow in one place: tracking URI, experiment, model logging, registry versions and aliases.
 
-CLI: ``python -m <package>.registry init`` creates the tracking store (run it once, before any
+CLI: ``python -m <package>.registry.store init`` creates the tracking store (run it once, before any
 parallel work: several processes creating a fresh SQLite store at once crash), ``... uri`` prints
 the resolved tracking URI (for ``mlflow ui --backend-store-uri``), ``... unlock`` removes a
 promotion lock left by an evaluation that was killed, ``... rollback`` moves ``champion`` back to
@@ -30,18 +30,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import MlflowParams, ProjectError, cli_errors, load_params
+from ..core import layout
+from ..core.config import MlflowParams, ProjectError, cli_errors, load_params
+from ..core.paths import ARTIFACT_DIR, PACKAGE, module
 
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow.models.model import ModelInfo
 
-    from .model import TabularClassifier
+    from ..model.network import TabularClassifier
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
-ARTIFACT_DIR = "mlartifacts"
+
 _SQLITE = "sqlite:///"
 LOCK_SUFFIX = ".promotion-lock"
 HISTORY_TAG = "champion.history"
@@ -162,24 +164,16 @@ def pip_requirements() -> list[str]:
     return pins
 
 
-# The modules loading the model imports, shipped with it so loading needs no install.
-MODEL_MODULES = ("__init__.py", "config.py", "features.py", "fileio.py", "model.py", "pyfunc.py")
-
-
 def _model_code(folder: Path) -> Path:
-    """A copy of the package's model modules in ``folder/<package>`` (MLflow's code_paths)."""
-    import importlib.util
+    """A copy of the code loading the model imports, in ``folder/<package>`` (MLflow's
+    code_paths), so that loading needs no install: the subpackages ``model.pyfunc`` imports."""
     import shutil
 
-    package = __package__ or __name__.rpartition(".")[0]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"cannot locate the source of package {package}")
-    source = Path(next(iter(spec.submodule_search_locations)))
-    target = folder / package
-    target.mkdir(parents=True)
-    for name in MODEL_MODULES:
-        shutil.copy2(source / name, target / name)
+    target = folder / PACKAGE
+    for path in layout.source_files("model.pyfunc"):
+        copy = target / path.relative_to(layout.ROOT)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, copy)
     return target
 
 
@@ -196,8 +190,8 @@ def log_model(model: TabularClassifier, input_example: pd.DataFrame) -> ModelInf
     import mlflow
     from mlflow.models import infer_signature
 
-    from .model import predict_frame, save_model
-    from .pyfunc import WEIGHTS, TabularPyfunc
+    from ..model.network import predict_frame, save_model
+    from ..model.pyfunc import WEIGHTS, TabularPyfunc
 
     example = model.spec.typed(input_example).head(5)
     if len(example) < 2:
@@ -397,8 +391,8 @@ def load_version(model_name: str, version: str) -> TabularClassifier:
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
     from mlflow.exceptions import MlflowException
 
-    from .model import load_model
-    from .pyfunc import WEIGHTS
+    from ..model.network import load_model
+    from ..model.pyfunc import WEIGHTS
 
     # A download folder of our own, removed afterwards: MLflow's default one is never deleted.
     with (
@@ -509,7 +503,7 @@ def promotion_lock(
             holder, age = held
             raise RegistryError(
                 f"the promotion lock of '{model_name}' is held by {holder} for {age:.0f} s; if "
-                f"no evaluation is running, remove it: python -m {__package__}.registry unlock"
+                f"no evaluation is running, remove it: python -m {module('registry.store')} unlock"
             )
         time.sleep(0.2)
     try:

@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CHECKPOINT_FILE, fingerprint, mark_finished, read_checkpoint
-from .config import Params, ProjectError, cli_errors, load_params
-from .data import TrainData, load_train_data
+from ..core.config import Params, ProjectError, cli_errors, load_params
+from ..core.paths import CHECKPOINT_FILE, module
+from ..data.prepare import TrainData, load_train_data
+from ..model.network import build_model
+from .checkpoint import fingerprint, mark_finished, read_checkpoint
 from .distributed import DistContext, amp_dtype, amp_name, broadcast, init_distributed, shutdown
 from .loop import EpochHook, fit
-from .model import build_model
 from .tracking import Tracker, ending, publish, run_tags
 
 
@@ -133,7 +134,7 @@ def run(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=f"python -m {__package__}.train",
+        prog=f"python -m {module('training.train')}",
         description="Train the model, log it to MLflow and register it (DVC stage `train`).",
     )
     group = parser.add_mutually_exclusive_group()

@@ -11,6 +11,31 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in ``path``'s folder (created if missing), with the mode an ordinary
+    ``open(path, "w")`` would give: 0666 less the umask. mkstemp's 0600 would make a model, a
+    checkpoint or a report unreadable to a container running as another user, or a teammate."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def _umask() -> int:
+    """The process's umask. Read from /proc where it can be: setting it to read it back (the
+    portable way) would briefly change it for every thread (the service writes from several)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """Call ``write(fh)`` on a temporary file beside ``path``, fsync it, then rename it over.
 
@@ -18,8 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     stage output is always whole.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -36,12 +60,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write at leisure (in chunks, by any library); renamed
     over ``path`` when the block ends without error, removed when it fails."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the output private
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as fh:

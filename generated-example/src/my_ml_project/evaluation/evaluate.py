@@ -36,22 +36,28 @@ import pandas as pd
 import torch
 from sklearn import metrics as skm
 
-from . import registry
-from .config import EvaluateParams, Params, ProjectError, cli_errors, load_params
-from .data import PROCESSED_DIR, DataError, Schema, load_frame, load_split, to_arrays
-from .fileio import atomic_write_text
-from .model import TabularClassifier, load_model
+from ..core.config import EvaluateParams, Params, ProjectError, cli_errors, load_params
+from ..core.fileio import atomic_write_text
+from ..core.paths import (
+    CONFUSION_FILE,
+    CURVE_FILE,
+    EVAL_METRICS,
+    GATE_FILE,
+    MODEL_FILE,
+    PROCESSED_DIR,
+    RUN_FILE,
+    module,
+)
+from ..data.prepare import DataError, Schema, load_frame, load_split, to_arrays
+from ..model.network import TabularClassifier, load_model
+from ..registry import store as registry
 
-MODEL_PATH = Path("models/model.pt")
-RUN_INFO_PATH = Path("models/run.json")
-METRICS_PATH = Path("metrics/evaluate.json")
-GATE_PATH = Path("metrics/gate.json")
-CONFUSION_PATH = Path("plots/confusion.csv")
-CURVE_PATH = Path("plots/curve.csv")
 GATE_FAILED_EXIT = 3
 GATE_UNDECIDED_EXIT = 4
 REPLACE_ENV = "REPLACE_UNLOADABLE_CHAMPION"
-FIX_TRAIN = f"run the train stage first (`dvc repro train` or `python -m {__package__}.train`)"
+FIX_TRAIN = (
+    f"run the train stage first (`dvc repro train` or `python -m {module('training.train')}`)"
+)
 LABELS = {
     "promoted": "PROMOTED",
     "not_promoted": "NOT PROMOTED",
@@ -177,10 +183,10 @@ def write_outputs(
     metrics: dict[str, float], y: np.ndarray, proba: np.ndarray, classes: list[str]
 ) -> None:
     """metrics/evaluate.json, plots/confusion.csv (label names), plots/curve.csv."""
-    atomic_write_text(METRICS_PATH, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(EVAL_METRICS, json.dumps(metrics, indent=2) + "\n")
     pairs = [(classes[a], classes[p]) for a, p in zip(y, proba.argmax(axis=1), strict=True)]
-    atomic_write_text(CONFUSION_PATH, _csv(["actual", "predicted"], pairs))
-    atomic_write_text(CURVE_PATH, _csv(["x", "y"], roc_points(y, proba)))
+    atomic_write_text(CONFUSION_FILE, _csv(["actual", "predicted"], pairs))
+    atomic_write_text(CURVE_FILE, _csv(["x", "y"], roc_points(y, proba)))
 
 
 def _csv(header: list[str], rows: list[tuple[Any, ...]]) -> str:
@@ -191,7 +197,7 @@ def _csv(header: list[str], rows: list[tuple[Any, ...]]) -> str:
     return buffer.getvalue()
 
 
-def read_run_info(path: Path = RUN_INFO_PATH) -> dict[str, Any]:
+def read_run_info(path: Path = RUN_FILE) -> dict[str, Any]:
     """run_id, model_name and model_version of the training run."""
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
@@ -364,12 +370,12 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
     cfg: EvaluateParams = params.evaluate
     info = read_run_info()
     test = load_test_split()
-    model = load_model(MODEL_PATH)
+    model = load_model(MODEL_FILE)
     if list(model.feature_names) != test.schema.features or list(model.class_names) != (
         test.schema.classes
     ):
         raise ProjectError(
-            f"{MODEL_PATH} was trained on other features or classes than {PROCESSED_DIR}: "
+            f"{MODEL_FILE} was trained on other features or classes than {PROCESSED_DIR}: "
             "re-run training (`dvc repro`)"
         )
     proba = predict_proba(model, test.frame)
@@ -401,7 +407,7 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
         d.decision = "undecided"
         d.reason = f"the MLflow store {registry.portable_uri(uri)} failed ({_one_line(exc)})"
         summary = _undecided(d)
-    atomic_write_text(GATE_PATH, json.dumps(asdict(d), indent=2) + "\n")
+    atomic_write_text(GATE_FILE, json.dumps(asdict(d), indent=2) + "\n")
     if d.decision == "failed":
         raise GateFailedError(summary)
     if d.decision == "undecided":
@@ -420,7 +426,7 @@ def _gate(
 ) -> str:
     if not registry.version_exists(d.model_name, d.candidate_version):
         raise ProjectError(
-            f"model '{d.model_name}' version {d.candidate_version} (from {RUN_INFO_PATH}) is not "
+            f"model '{d.model_name}' version {d.candidate_version} (from {RUN_FILE}) is not "
             f"in the MLflow store {registry.portable_uri(uri)}: the store changed since "
             "training; re-run `dvc repro --force train`"
         )
@@ -438,7 +444,7 @@ def _gate(
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``evaluate`` stage."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m {__package__}.evaluate", description=__doc__.splitlines()[0]
+        prog=f"python -m {module('evaluation.evaluate')}", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--params", default="params.yaml", help="parameters file (params.yaml)")
     parser.add_argument(

@@ -18,22 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Params, ProjectError
-from .data import TrainData
-from .fileio import atomic_write
+from ..core import layout
+from ..core.config import Params, ProjectError
+from ..core.fileio import atomic_write
+from ..data.prepare import TrainData
 
-CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 2
 # train.* knobs that do not change what is computed: a checkpoint stays resumable across them.
 NOT_FINGERPRINTED = ("resume", "device", "checkpoint_dir", "checkpoint_every")
 
 
 def source_digest() -> str:
-    """Hash of this package's source: a checkpoint of other code is not resumed."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+    """Hash of the code training runs (the subpackages ``training.train`` imports, as ``dvc.yaml``
+    lists them): a checkpoint of other code is not resumed; an edit elsewhere does not matter."""
+    return layout.source_digest("training.train")
 
 
 def fingerprint(

@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-PARAMS_FILE = Path("params.yaml")
+from .paths import PARAMS_FILE
 
 
 class ProjectError(Exception):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import ProjectError
+from ..core.config import ProjectError
 
 DEVICE_ENV = "TRAIN_DEVICE"
 DEVICES = ("auto", "cpu", "cuda", "cuda:<index>", "mps")

@@ -21,8 +21,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
 
-from .features import BOOLEAN, CATEGORICAL, IMPUTE, FeatureSpec, category_label
-from .predlog import DEFAULT_FOLDER, FOLDER_ENV
+from ..core.features import BOOLEAN, CATEGORICAL, IMPUTE, FeatureSpec, category_label
+from .predlog import PREDICTION_LOG_DIR, PREDICTION_LOG_ENV
 
 # Routes that answer without the token: probes and Prometheus must work without secrets.
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
@@ -51,7 +51,7 @@ class ServeSettings:
 
     max_rows: int = 1000
     max_body_bytes: int = 1 << 20
-    log_dir: Path = DEFAULT_FOLDER
+    log_dir: Path = PREDICTION_LOG_DIR
     log_enabled: bool = True
     workers: int = 1
     token: str | None = None
@@ -64,7 +64,7 @@ class ServeSettings:
         return cls(
             max_rows=_int_env(env, "SERVE_MAX_ROWS", cls.max_rows),
             max_body_bytes=_int_env(env, "SERVE_MAX_BODY_BYTES", cls.max_body_bytes),
-            log_dir=Path(env.get(FOLDER_ENV) or cls.log_dir),
+            log_dir=Path(env.get(PREDICTION_LOG_ENV) or cls.log_dir),
             log_enabled=env.get("PREDICTION_LOG", "on").strip().lower() not in OFF,
             workers=_int_env(env, "SERVE_WORKERS", cls.workers),
             token=env.get("SERVICE_API_TOKEN") or None,

@@ -17,15 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelParams, ProjectError
-from .features import BOOLEAN, IMPUTE, FeatureSpec, embedding_size
-from .features import ModelInputError as ModelInputError
-from .fileio import atomic_write
+from ..core.config import ModelParams, ProjectError
+from ..core.features import BOOLEAN, IMPUTE, FeatureSpec, embedding_size
+from ..core.features import ModelInputError as ModelInputError
+from ..core.fileio import atomic_write
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .data import Schema
+    from ..data.prepare import Schema
 
 # A constant column has std 0; dividing by it would turn every input into inf or NaN.
 STD_FLOOR = 1e-6

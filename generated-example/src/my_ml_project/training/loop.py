@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from ..core.config import ProjectError, TrainParams
+from ..data.prepare import TrainData
+from ..model.network import TabularClassifier
 from .checkpoint import cpu_state, new_state, restore, rng_state, save
-from .config import ProjectError, TrainParams
-from .data import TrainData
 from .distributed import DistContext, all_reduce_sum, amp_dtype, broadcast, gather
-from .model import TabularClassifier
 
 EpochHook = Callable[[int, dict[str, float]], None]
 # Receives the history rows of the epochs a checkpoint has just made durable.

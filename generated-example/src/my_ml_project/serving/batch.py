@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from .config import ProjectError, cli_errors, load_params
-from .fileio import atomic_path
-from .model import ModelInputError, TabularClassifier, load_model, predict_frame
+from ..core.config import ProjectError, cli_errors, load_params
+from ..core.fileio import atomic_path
+from ..model.network import ModelInputError, TabularClassifier, load_model, predict_frame
 
 CHUNK_ROWS = 65_536
 VERSION_COLUMN = "model_version"
@@ -317,7 +317,7 @@ def load_scoring_model(
     alias), read as ``model.pt`` without ``mlflow.pytorch``."""
     if model_file is not None:
         return load_model(model_file), f"file:{model_file}"
-    from . import registry
+    from ..registry import store as registry
 
     params = load_params().mlflow
     registry.configure(params)

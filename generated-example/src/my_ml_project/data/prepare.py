@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import DataParams, Params, ProjectError, SplitParams, cli_errors, load_params
-from .features import (
+from ..core.config import DataParams, Params, ProjectError, SplitParams, cli_errors, load_params
+from ..core.features import (
     CATEGORICAL,
     IMPUTE,
     KINDS,
@@ -34,17 +34,14 @@ from .features import (
     typed,
     vocabulary,
 )
-from .fileio import atomic_write, atomic_write_text, file_md5
+from ..core.fileio import atomic_write, atomic_write_text, file_md5
+from ..core.paths import PROCESSED_DIR, SCHEMA_FILE, SPLITS, module
 
-SPLITS = ("train", "val", "test")
-SCHEMA_FILE = "schema.json"
-# Fixed, like the stage outputs declared in dvc.yaml.
-PROCESSED_DIR = Path("data/processed")
 FIX_COLUMNS = "edit data.raw_path / data.target / data.features in params.yaml"
 FIX_KINDS = (
     "fix those values in the file, or list the column in data.categorical if it holds categories"
 )
-FIX_PREPARE = f"run `dvc repro prepare` (or `python -m {__package__}.data`)"
+FIX_PREPARE = f"run `dvc repro prepare` (or `python -m {module('data.prepare')}`)"
 
 
 class DataError(ProjectError):
@@ -453,7 +450,7 @@ def load_train_data(processed_dir: str | Path = PROCESSED_DIR) -> TrainData:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prepare`` stage."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m {__package__}.data",
+        prog=f"python -m {module('data.prepare')}",
         description="Validate the raw CSV and write the train/val/test splits.",
     )
     parser.add_argument("--params", default="params.yaml", help="parameters file (params.yaml)")

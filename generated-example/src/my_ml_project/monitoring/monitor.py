@@ -38,13 +38,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import MonitorParams, ProjectError, cli_errors, load_params
-from .data import DataError, Schema, load_frame
-from .features import BOOLEAN, CATEGORICAL, NUMERIC, ModelInputError, typed
-from .fileio import atomic_write_text
-from .predlog import FEEDBACK, MODELS_DIR, PREDICTIONS, log_folder
+from ..core.config import MonitorParams, ProjectError, cli_errors, load_params
+from ..core.features import BOOLEAN, CATEGORICAL, NUMERIC, ModelInputError, typed
+from ..core.fileio import atomic_write_text
+from ..core.paths import LOGGED_MODELS_DIR, REPORTS_DIR
+from ..data.prepare import DataError, Schema, load_frame
+from ..serving.predlog import FEEDBACK, PREDICTIONS, log_folder
 
-REPORTS = Path("reports/monitoring")
 PREDICTION = "prediction"  # the predicted class, as a monitored column
 EXIT_CODES = {"healthy": 0, "drift": 3, "degraded": 4, "insufficient_data": 5}
 SHOWN = 10  # features printed in the terminal table
@@ -277,7 +277,7 @@ def model_cards(folder: Path | None) -> dict[str, dict[str, Any]]:
     cards: dict[str, dict[str, Any]] = {}
     if folder is None:
         return cards
-    for path in sorted((folder / MODELS_DIR).glob("*.json")):
+    for path in sorted((folder / LOGGED_MODELS_DIR).glob("*.json")):
         try:
             cards[path.stem] = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
@@ -492,7 +492,9 @@ def classification_report(traffic: Traffic, classes: list[str]) -> Any | None:
         )
 
 
-def write_outputs(result: dict[str, Any], snapshots: dict[str, Any], root: Path = REPORTS) -> Path:
+def write_outputs(
+    result: dict[str, Any], snapshots: dict[str, Any], root: Path = REPORTS_DIR
+) -> Path:
     """``<root>/<UTC time>/`` with the HTML reports and result.json; ``latest/`` replaced."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     folder = root / stamp

@@ -1,0 +1,59 @@
+"""Every path and name the project's code shares, in one place: stages, the service, the monitor
+and the tools read them from here, and ``dvc.yaml`` names the same files (a generated test holds
+the two together).
+
+Paths are relative to the project root, where DVC runs the stages and Nox runs the sessions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The import package (``my_ml_project``) and the name of its model in MLflow's registry and in
+# BentoML's store (``my-ml-project``).
+PACKAGE = __package__.partition(".")[0] if __package__ else "<package>"
+MODEL_NAME = PACKAGE.replace("_", "-")
+
+PARAMS_FILE = Path("params.yaml")
+
+# prepare: the split, typed data and the schema every later stage reads.
+PROCESSED_DIR = Path("data/processed")
+SCHEMA_FILE = "schema.json"  # inside PROCESSED_DIR
+SPLITS = ("train", "val", "test")
+
+# train: the model artefact (the one file every consumer loads), its run record, its metrics.
+WEIGHTS = "model.pt"  # the weights' file name, in models/, in MLflow's artefacts, in the Bento
+MODEL_FILE = Path("models") / WEIGHTS
+RUN_FILE = Path("models/run.json")  # the MLflow run and registered version of MODEL_FILE
+TRAIN_METRICS = Path("metrics/train.json")
+HISTORY_FILE = Path("metrics/history.csv")
+CHECKPOINT_FILE = "last.pt"  # inside train.checkpoint_dir
+
+# evaluate: test metrics, the gate's decision, plots.
+EVAL_METRICS = Path("metrics/evaluate.json")
+GATE_FILE = Path("metrics/gate.json")
+CONFUSION_FILE = Path("plots/confusion.csv")
+CURVE_FILE = Path("plots/curve.csv")
+
+# The MLflow store of a project without a tracking server: artefacts beside mlflow.db.
+ARTIFACT_DIR = "mlartifacts"
+
+# Serving: the prediction log (PREDICTION_LOG_DIR moves it), the models it names, the Bento.
+PREDICTION_LOG_ENV = "PREDICTION_LOG_DIR"
+PREDICTION_LOG_DIR = Path("logs/predictions")
+LOGGED_MODELS_DIR = "models"  # inside the prediction log: each served version's test metrics
+DEPLOYMENT_FILE = "deployment.json"  # in the Bento: the served and shadow model tags
+SOURCE_DIR = Path("src")
+BUILD_DIR = Path("build")
+SBOM_DIR = BUILD_DIR / "sbom"
+IMAGE_ENV_FILE = BUILD_DIR / "image.env"
+
+# Monitoring and continuous training.
+REPORTS_DIR = Path("reports/monitoring")
+RETRAIN_STATE = Path("data/retrain.json")
+DVC_CACHE = Path(".dvc/cache/files/md5")
+
+
+def module(name: str) -> str:
+    """The dotted name of one of the package's modules, as ``python -m`` takes it."""
+    return f"{PACKAGE}.{name}"

@@ -1,0 +1,3 @@
+"""The ``evaluate`` stage (``evaluation.evaluate``, run by DVC): test metrics, plots, and the
+promotion gate that moves ``champion``.
+"""

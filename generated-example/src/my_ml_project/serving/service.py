@@ -1,0 +1,224 @@
+"""The HTTP service (BentoML): the champion imported by ``nox -s deploy``, answering ``/predict``.
+
+``POST /predict`` ``{"rows": [{feature: value, ...}, ...]}`` -> ``{"model_version",
+"predictions": [{"label", "probabilities": {class: p}}]}`` in row order, through the same
+:func:`~.model.predict_frame` as the pyfunc and the evaluation; the ``X-Request-ID`` header names
+the answer. ``POST /feedback`` ``{"request_id", "labels": [true class of each row]}`` records the
+ground truth for the monitor. The request schema is the model's (see :mod:`.serving`), read from
+the BentoML model's metadata when the service is built. No MLflow here: it would add seconds
+to start-up.
+
+Importing this module does nothing: :func:`build_service` makes the service, and BentoML's
+``<package>.serving.service:Predictor`` reaches it through the module's ``__getattr__``.
+
+Which models: ``deployment.json`` beside this module in the Bento (written by ``nox -s deploy``)
+names the served model and, with ``serve.shadow: true``, the shadow (the challenger), scored
+after the answer is sent and logged beside it. Served from the source tree (``--reload``): the
+newest imported model, no shadow.
+"""
+
+import asyncio
+import functools
+import gc
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import bentoml
+import pandas as pd
+import torch
+
+from ..core.config import ProjectError
+from ..core.features import FeatureSpec
+from ..core.paths import DEPLOYMENT_FILE, MODEL_NAME, WEIGHTS
+from ..model.network import load_model, predict_frame
+from .contract import (
+    REQUEST_ID,
+    Batcher,
+    FeedbackError,
+    Guard,
+    RecentRequests,
+    RequestId,
+    Scores,
+    ServeSettings,
+    feedback_labels,
+    labels_type,
+    predictions,
+    rows_type,
+    torch_backend,
+)
+from .predlog import PredictionLog, count_rows
+
+logger = logging.getLogger(__name__)
+DEPLOYMENT = Path(__file__).with_name(DEPLOYMENT_FILE)
+
+
+def deployed_models(deployment: Path = DEPLOYMENT) -> dict[str, str | None]:
+    """The BentoML tags to serve: ``deployment.json`` in a Bento, else the newest imported model."""
+    if deployment.exists():
+        return json.loads(deployment.read_text(encoding="utf-8"))
+    return {"model": f"{MODEL_NAME}:latest", "shadow": None}
+
+
+def model_card(stored: Any) -> dict[str, Any]:
+    """What the prediction log records of a served model (``models/<version>.json``)."""
+    meta = stored.info.metadata
+    keys = ("registry_name", "registry_version", "run_id", "test_metrics", "data_version")
+    card = {key: meta.get(key) for key in keys}
+    return card | {"classes": meta["config"]["class_names"], "bento_model": str(stored.tag)}
+
+
+def build_service(settings: ServeSettings | None = None, deployment: Path = DEPLOYMENT) -> Any:
+    """The BentoML service of the models ``deployment`` names, configured by ``settings``
+    (default: the environment, :meth:`ServeSettings.from_env`)."""
+    SETTINGS = settings or ServeSettings.from_env()
+    GPU = torch_backend().startswith("cu")  # the project's accelerator: a GPU is asked for cuda
+    MODELS = deployed_models(deployment)
+    MODEL_REF = bentoml.models.BentoModel(MODELS["model"])
+    SHADOW_REF = bentoml.models.BentoModel(MODELS["shadow"]) if MODELS["shadow"] else None
+    STORED = MODEL_REF.stored
+    if STORED is None:
+        raise ProjectError(f"no model {MODEL_NAME} in BentoML's store: run `nox -s deploy` first")
+    CONFIG = STORED.info.metadata["config"]
+    SPEC = FeatureSpec.build(
+        CONFIG["feature_names"], CONFIG["kinds"], CONFIG["categories"], CONFIG["missing"]
+    )
+    if TYPE_CHECKING:  # for mypy: the rows' pydantic model is made at run time, from the schema
+        Rows = list[Any]
+    else:
+        Rows = rows_type(SPEC, SETTINGS.max_rows)
+    Labels = labels_type(SETTINGS.max_rows)
+
+    @bentoml.service(
+        name=MODEL_NAME,
+        workers=SETTINGS.workers,
+        resources={"gpu": 1} if GPU else {"cpu": str(SETTINGS.workers)},
+        # Measured on 2 cores: the access log and tracing spans cost more than the model itself.
+        # A short timeout: every request keeps a timer (and its objects) alive that long.
+        traffic={"timeout": 10},
+        logging={"access": {"enabled": False}},
+        tracing={"excluded_urls": ["/predict"]},
+    )
+    class Predictor:
+        """Loads the model once; answers rows of raw feature values."""
+
+        model_ref = MODEL_REF
+        if SHADOW_REF is not None:
+            shadow_ref = SHADOW_REF
+
+        def __init__(self) -> None:
+            device = "cuda" if torch_backend() != "cpu" and torch.cuda.is_available() else "cpu"
+            if device == "cpu":
+                # One request at a time per worker: more intra-op threads only contend for the cores
+                # (measured on 2 cores under load: a 32-row predict_frame took 2.4 ms with 1 thread,
+                # up to 58 ms with 2). Throughput comes from SERVE_WORKERS, one process per core.
+                torch.set_num_threads(1)
+            self.model = load_model(STORED.path_of(WEIGHTS)).to(device)
+            self.version = str(STORED.info.metadata["registry_version"])
+            self.log = None
+            if SETTINGS.log_enabled:
+                self.log = PredictionLog(SETTINGS.log_dir, categorical=SPEC.categorical)
+                self.log.describe(self.version, model_card(STORED))
+            # Concurrent requests scored in one model call (about the cost of one request's).
+            self.batcher = Batcher(lambda rows: self._score(self.model, rows), SETTINGS.max_rows)
+            self.recent = RecentRequests()
+            self.shadow = None
+            if SHADOW_REF is not None and SHADOW_REF.stored is not None and self.log is not None:
+                stored = SHADOW_REF.stored
+                self.shadow = load_model(stored.path_of(WEIGHTS)).to(device)
+                self.shadow_version = str(stored.info.metadata["registry_version"])
+                self.shadow_batcher = Batcher(
+                    lambda rows: self._score(self.shadow, rows), SETTINGS.max_rows
+                )
+                self.log.describe(self.shadow_version, model_card(stored))
+            self._tasks: set[asyncio.Task] = set()
+            gc.freeze()  # the models and the imports: out of every later collection
+
+        @staticmethod
+        def _score(model: Any, records: list[dict[str, Any]]) -> Scores:
+            frame = pd.DataFrame(records, columns=list(SPEC.names))
+            with torch.inference_mode():
+                out = predict_frame(model, frame)
+            return out["label"].tolist(), out[model.class_names].to_numpy().tolist()
+
+        @bentoml.api
+        async def predict(self, rows: Rows, ctx: bentoml.Context) -> dict[str, Any]:
+            """Label and class probabilities of each row, in order."""
+            records = [row.model_dump() for row in rows]
+            labels, proba = await self.batcher(records)
+            answers = predictions(labels, proba, self.model.class_names)
+            request_id = uuid.uuid4().hex
+            ctx.response.headers[REQUEST_ID] = request_id
+            self.recent.add(request_id, len(rows))
+            if self.shadow is not None:
+                # After the answer: the challenger's scores only reach the log, never the client.
+                task = asyncio.get_running_loop().create_task(
+                    self._shadow_score(request_id, rows, records, answers)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif self.log is not None:
+                self.log.record(request_id, self.version, rows, answers)
+            return {"model_version": self.version, "predictions": answers}
+
+        async def _shadow_score(
+            self, request_id: str, rows: Any, records: list[dict[str, Any]], answers: list[dict]
+        ) -> None:
+            await asyncio.sleep(0)  # let the champion's answer go out first
+            assert self.log is not None
+            assert self.shadow is not None
+            try:
+                labels, proba = await self.shadow_batcher(records)
+                shadow = (self.shadow_version, predictions(labels, proba, self.shadow.class_names))
+            except Exception:  # the challenger failing must not lose the champion's record
+                logger.exception("shadow model failed on request %s", request_id)
+                shadow = None
+            self.log.record(request_id, self.version, rows, answers, shadow)
+
+        @bentoml.api
+        async def feedback(
+            self,
+            request_id: RequestId,
+            labels: Labels,  # type: ignore[valid-type]
+            ctx: bentoml.Context,
+        ) -> dict[str, Any]:
+            """Record the true class of each row of an answered request (in its row order)."""
+            if self.log is None:
+                ctx.response.status_code = 409
+                return {"error": "the prediction log is off (PREDICTION_LOG=off): nothing to label"}
+            rows = self.recent.get(request_id)
+            if rows is None:  # answered by another worker, or before a restart: the log knows
+                rows = await asyncio.to_thread(count_rows, SETTINGS.log_dir, request_id)
+            try:
+                true = feedback_labels(labels, rows, self.model.class_names)
+            except FeedbackError as exc:
+                ctx.response.status_code = exc.status
+                return {"error": str(exc)}
+            self.log.feedback(request_id, true)
+            return {"request_id": request_id, "recorded": len(true)}
+
+        @bentoml.on_shutdown
+        def close_log(self) -> None:
+            if self.log is not None:
+                self.log.close()
+
+    # bentoml.service returns a Service, which its type hints give as the decorated class.
+    Predictor.add_asgi_middleware(  # type: ignore[attr-defined]
+        Guard, token=SETTINGS.token, max_body_bytes=SETTINGS.max_body_bytes
+    )
+    return Predictor
+
+
+@functools.cache
+def service() -> Any:
+    """The service as configured by the environment, built once per process."""
+    return build_service()
+
+
+def __getattr__(name: str) -> Any:
+    """``Predictor``: what ``bentoml serve <package>.serving.service:Predictor`` loads."""
+    if name == "Predictor":
+        return service()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
