@@ -16,6 +16,8 @@ import yaml
 from e2e import PACKAGE, Project, mlflow_server
 from file_watch import files_read
 
+EVALUATE = f"{PACKAGE}.evaluation.evaluate"  # the module, as `python -m` takes it
+
 pytestmark = pytest.mark.e2e
 
 UNDECIDED_EXIT = 4  # the evaluate stage's documented exit code for "cannot decide"
@@ -44,7 +46,7 @@ def test_deleted_artefacts_and_a_worse_model_keep_the_champion(
     assert registry["versions"] == [1, 2]
     assert registry["champion"] == 1
     assert project.json("metrics/gate.json")["decision"] == "undecided"
-    direct = project.py("-m", f"{PACKAGE}.evaluation.evaluate", check=False)
+    direct = project.py("-m", EVALUATE, check=False)
     assert direct.returncode == UNDECIDED_EXIT
     assert len(direct.stderr.strip().splitlines()) == 1, direct.stderr
 
@@ -71,10 +73,7 @@ def test_racing_evaluations_decide_one_after_the_other(pristine: Project, tmp_pa
         a = _candidate(pristine, tmp_path / "a", server, epochs=40)
         b = _candidate(pristine, tmp_path / "b", server, epochs=60)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            runs = [
-                pool.submit(p.py, "-m", f"{PACKAGE}.evaluation.evaluate", MLFLOW_TRACKING_URI=server)
-                for p in (a, b)
-            ]
+            runs = [pool.submit(p.py, "-m", EVALUATE, MLFLOW_TRACKING_URI=server) for p in (a, b)]
             for run in runs:
                 run.result()
         gates = [p.json("metrics/gate.json") for p in (a, b)]

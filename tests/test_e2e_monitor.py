@@ -23,6 +23,8 @@ import yaml
 from e2e import MODEL_NAME, PACKAGE, Project, start_service
 from helpers import system_tool
 
+MONITOR = f"{PACKAGE}.monitoring.monitor"  # the module, as `python -m` takes it
+
 pytestmark = pytest.mark.e2e
 
 EXIT = {"healthy": 0, "drift": 3, "degraded": 4, "insufficient_data": 5}
@@ -68,7 +70,7 @@ def monitor(served: Served, *args: str) -> tuple[int, dict]:
 
 def module_exit(served: Served, *args: str) -> int:
     """The monitor module's own exit code (nox reports any failure as 1)."""
-    return served.project.py("-m", f"{PACKAGE}.monitoring.monitor", *args, check=False).returncode
+    return served.project.py("-m", MONITOR, *args, check=False).returncode
 
 
 def shifted(served: Served) -> set[str]:
@@ -179,17 +181,15 @@ def test_report_renders_in_a_browser(served: Served, tmp_path: Path) -> None:
 def test_bad_inputs_get_one_line_errors(served: Served, tmp_path: Path) -> None:
     partial = tmp_path / "partial.csv"
     partial.write_text("mean_radius,mean_texture\n1,2\n")
-    result = served.project.py("-m", f"{PACKAGE}.monitoring.monitor", "--current", str(partial), check=False)
+    result = served.project.py("-m", MONITOR, "--current", str(partial), check=False)
     assert result.returncode == 2
     assert "lacks 28 of the 30 feature columns" in result.stderr
     assert "Traceback" not in result.stderr
-    empty = served.project.py(
-        "-m", f"{PACKAGE}.monitoring.monitor", "--log-dir", str(tmp_path / "none"), check=False
-    )
+    empty = served.project.py("-m", MONITOR, "--log-dir", str(tmp_path / "none"), check=False)
     assert empty.returncode == 2
     assert "no prediction log" in empty.stderr
     assert "Traceback" not in empty.stderr
-    window = served.project.py("-m", f"{PACKAGE}.monitoring.monitor", "--since", "2999-01-01", check=False)
+    window = served.project.py("-m", MONITOR, "--since", "2999-01-01", check=False)
     assert window.returncode == EXIT["insufficient_data"]
     assert "no rows in the window" in window.stdout
 
@@ -227,6 +227,7 @@ PROMOTE = f"""
 import sys
 from {PACKAGE}.registry import store as registry
 from {PACKAGE}.core.config import load_params
+
 params = load_params().mlflow
 registry.configure(params)
 registry.promote(params.model_name, sys.argv[1])
