@@ -1,5 +1,5 @@
-"""Monitoring speed: ``python -m <package>.monitoring.monitor`` on a large prediction log, beside Evidently
-alone on the same frames.
+"""Monitoring speed: ``python -m <package>.monitoring.monitor`` on a large prediction log, beside
+Evidently alone on the same frames.
 
 Run it from a rendered project whose environment is installed, with that environment's Python:
 
@@ -86,7 +86,9 @@ def build(package: str, rows: int, labelled: float, days: int) -> tuple[list[str
     data = importlib.import_module(f"{package}.data.prepare")
     predlog = importlib.import_module(f"{package}.serving.predlog")
     monitor = importlib.import_module(f"{package}.monitoring.monitor")
-    subprocess.run([sys.executable, "-m", f"{package}.data.prepare"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", f"{package}.data.prepare"], check=True, capture_output=True
+    )
     train, schema = data.load_frame("train")
     rng = np.random.default_rng(0)
     sample = train.iloc[rng.integers(0, len(train), rows)].reset_index(drop=True)
@@ -146,8 +148,8 @@ def main() -> None:
     BUILD.mkdir(parents=True, exist_ok=True)
     numeric, classes = build(package, args.rows, args.labelled, args.days)
     since = "2000-01-01"
-    monitor = [sys.executable, "-m", f"{package}.monitoring.monitor", "--log-dir", str(BUILD / "log"),
-               "--since", since]  # fmt: skip
+    monitor = [sys.executable, "-m", f"{package}.monitoring.monitor",
+               "--log-dir", str(BUILD / "log"), "--since", since]  # fmt: skip
     alone = [sys.executable, "-c", EVIDENTLY_ALONE, str(BUILD), ",".join(numeric),
              ",".join(classes)]  # fmt: skip
     env_note = {"MLFLOW_DISABLE_TELEMETRY": "true"}

@@ -209,7 +209,9 @@ def test_ddp_on_two_cpu_processes_registers_one_model(pristine: Project, tmp_pat
     project.py("-m", f"{PACKAGE}.data.prepare")
     project.py("-m", f"{PACKAGE}.registry.store", "init")
     torchrun = str(project.venv / "bin" / "torchrun")
-    project.run(torchrun, "--standalone", "--nproc_per_node", "2", "-m", f"{PACKAGE}.training.train")
+    project.run(
+        torchrun, "--standalone", "--nproc_per_node", "2", "-m", f"{PACKAGE}.training.train"
+    )
     registry = project.registry()
     assert registry["versions"] == [1]
     run = project.json("models/run.json")

@@ -72,7 +72,9 @@ def test_racing_evaluations_decide_one_after_the_other(pristine: Project, tmp_pa
         b = _candidate(pristine, tmp_path / "b", server, epochs=60)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             runs = [
-                pool.submit(p.py, "-m", f"{PACKAGE}.evaluation.evaluate", MLFLOW_TRACKING_URI=server)
+                pool.submit(
+                    p.py, "-m", f"{PACKAGE}.evaluation.evaluate", MLFLOW_TRACKING_URI=server
+                )
                 for p in (a, b)
             ]
             for run in runs:

@@ -179,7 +179,9 @@ def test_report_renders_in_a_browser(served: Served, tmp_path: Path) -> None:
 def test_bad_inputs_get_one_line_errors(served: Served, tmp_path: Path) -> None:
     partial = tmp_path / "partial.csv"
     partial.write_text("mean_radius,mean_texture\n1,2\n")
-    result = served.project.py("-m", f"{PACKAGE}.monitoring.monitor", "--current", str(partial), check=False)
+    result = served.project.py(
+        "-m", f"{PACKAGE}.monitoring.monitor", "--current", str(partial), check=False
+    )
     assert result.returncode == 2
     assert "lacks 28 of the 30 feature columns" in result.stderr
     assert "Traceback" not in result.stderr
@@ -189,7 +191,9 @@ def test_bad_inputs_get_one_line_errors(served: Served, tmp_path: Path) -> None:
     assert empty.returncode == 2
     assert "no prediction log" in empty.stderr
     assert "Traceback" not in empty.stderr
-    window = served.project.py("-m", f"{PACKAGE}.monitoring.monitor", "--since", "2999-01-01", check=False)
+    window = served.project.py(
+        "-m", f"{PACKAGE}.monitoring.monitor", "--since", "2999-01-01", check=False
+    )
     assert window.returncode == EXIT["insufficient_data"]
     assert "no rows in the window" in window.stdout
 

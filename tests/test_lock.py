@@ -243,7 +243,10 @@ def test_cuda_only_keeps_what_another_package_needs(noxfiles) -> None:
         {"name": "nvidia-ml-py"},
         {"name": "sympy"},
     ]
-    assert noxfiles["auto"].environment.cuda_only(packages) == {"nvidia-cublas", "nvidia-cuda-runtime"}
+    assert noxfiles["auto"].environment.cuda_only(packages) == {
+        "nvidia-cublas",
+        "nvidia-cuda-runtime",
+    }
 
 
 # --- installing from the lock (e2e) -----------------------------------------------------------
