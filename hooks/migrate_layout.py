@@ -1,16 +1,17 @@
 """Migration to v0.3.0: the package's flat modules move into subpackages, local changes with them.
 
 v0.3.0 moved every module of `src/<package>/` into a subpackage (MOVES below) and `audit.py` out
-of the package to `tools/audit.py`. On `copier update`, Copier renders the new files, then deletes
-the files the template dropped: the old modules, local changes included (older Copier versions
-leave them beside the new subpackages instead). Copier runs this afterwards, in the project. For
-each moved module the project changed, it merges the project's version into the new file, as
-Copier merges any file: three ways, base = the module in the release the project came from (read
-from the template's git), ours = the project's module (the file, or HEAD's when Copier deleted
-it), theirs = the new file. Conflicts are left inline, between Copier's markers. Relative imports
-in the project's version follow the move first (`from .config import` in `monitor.py` becomes
-`from ..core.config import` in `monitoring/monitor.py`). An unchanged module is removed; a module
-the template never had stays where it is, named in a warning. One line per module it acts on.
+of the package to `tools/audit.py`. On `copier update`, Copier (9.19) renders the new files, then
+deletes the files the template dropped: the old modules, local changes included. Copier runs this
+afterwards, in the project. For each moved module the project changed, it merges the project's
+version into the new file, as Copier merges any file: three ways, base = the module in the release
+the project came from (read from the template's git), ours = the project's module (the file where
+it is still there, else HEAD's: Copier updates clean repositories only), theirs = the new file.
+Conflicts are left inline, between Copier's markers, and the file is marked unmerged in git's
+index, as Copier marks its own conflicts. Relative imports in the project's version follow the
+move first (`from .config import` in `monitor.py` becomes `from ..core.config import` in
+`monitoring/monitor.py`). An unchanged module is removed; a module the template never had stays
+where it is, named in a warning. One line per module it acts on.
 
 Run again, it changes nothing. It never drops a change of the project's: what it cannot place
 it leaves where it is. Copier runs it with its own Python: standard library and git only.
@@ -75,10 +76,14 @@ class MigrationError(Exception):
     """What stops the migration: one line, saying what and how to go on."""
 
 
-def git(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+def git(
+    *args: str, cwd: Path, check: bool = True, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     # Copier may itself run under git (a hook): its variables would point git elsewhere.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, env=env, check=False)
+    result = subprocess.run(
+        ["git", *args], cwd=cwd, input=stdin, capture_output=True, env=env, check=False
+    )
     if check and result.returncode != 0:
         said = result.stderr.decode(errors="replace").strip().splitlines()
         raise MigrationError(f"`git {' '.join(args)}` failed: {said[-1] if said else result}")
@@ -163,6 +168,22 @@ def merge(ours: str, base: str, theirs: str) -> tuple[str, int]:
     if result.returncode < 0 or result.returncode > 127:
         raise MigrationError(f"`git merge-file` failed: {decode(result.stderr).strip()}")
     return decode(result.stdout), result.returncode
+
+
+def record_conflict(project: Path, path: Path, base: str, ours: str, theirs: str) -> None:
+    """Mark ``path`` unmerged in the project's index (base, ours, theirs), as Copier marks its
+    own conflicts: `git status` lists it, `git commit -a` refuses it until it is resolved."""
+    top = git("rev-parse", "--show-toplevel", cwd=project, check=False)
+    if top.returncode:
+        return  # not a git repository: the markers say it all
+    root = Path(decode(top.stdout).strip()).resolve()
+    where = path.resolve().relative_to(root).as_posix()
+    entries = []
+    for stage, text in enumerate((base, ours, theirs), start=1):
+        data = text.encode("utf-8", "surrogateescape")
+        blob = decode(git("hash-object", "-w", "--stdin", cwd=root, stdin=data).stdout).strip()
+        entries.append(f"100644 {blob} {stage}\t{where}\n")
+    git("update-index", "--index-info", cwd=root, stdin="".join(entries).encode())
 
 
 def unresolved_imports(project: Path, path: Path, package_dir: Path) -> list[str]:
@@ -296,10 +317,14 @@ def migrate(project: Path, package: str, template: Path, rev: str) -> list[str]:
             continue
         theirs = read(new_path) if new_path.is_file() else fresh if fresh is not None else base
         where = new_parts(old)
-        text, conflicts = merge(
-            translate_imports(ours, where), translate_imports(base, where), theirs
-        )
+        ours, base = translate_imports(ours, where), translate_imports(base, where)
+        text, conflicts = merge(ours, base, theirs)
         write(new_path, text)
+        if conflicts:
+            try:
+                record_conflict(project, new_path, base, ours, theirs)
+            except MigrationError as error:
+                report.append(f"{new_rel} not marked unmerged in git's index: {error}")
         old_path.unlink(missing_ok=True)
         rejected.unlink(missing_ok=True)
         merged.append(new_path)

@@ -362,6 +362,9 @@ def test_layout_update_leaves_conflicts_in_the_new_module(
     assert '"pyfunc.py", "ours.py")' in text
     assert ">>>>>>> after updating" in text
     assert f"resolve the markers left in {store}" in report
+    # Unmerged in the index, as Copier leaves its own conflicts: base, ours, theirs.
+    unmerged = git(project, "ls-files", "--unmerged", "--", store).splitlines()
+    assert [line.split()[2] for line in unmerged] == ["1", "2", "3"]
     assert not (package / "registry.py").exists()
 
 
