@@ -8,12 +8,14 @@ working tree, so these tests depend on no tag of this repository.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import io
 import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import copier
@@ -276,18 +278,55 @@ def _replace_line(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(f"{old}\n", f"{new}\n"), encoding="utf-8")
 
 
+def _migration() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("migrate_layout", MIGRATE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_layout_moves_cover_the_flat_release():
-    """Every module of the flat release has a move, to a module of this tree."""
-    sys.path.insert(0, str(MIGRATE.parent))
-    try:
-        from migrate_layout import MOVES, PACKAGE_FOLDER  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(MIGRATE.parent))
-    flat = git(ROOT, "ls-tree", "--name-only", FLAT_COMMIT, f"template/{PACKAGE_FOLDER}/")
-    assert {Path(p).stem for p in flat.split() if p.endswith(".py")} == set(MOVES)
-    for new in MOVES.values():
-        path = new[1:] if new.startswith("/") else f"{PACKAGE_FOLDER}/{new}"
-        assert (ROOT / "template" / path).is_file(), path
+    """Every module of the flat release has a move, to a module of this tree; its relative
+    imports, translated for their new place, name modules of this tree."""
+    migration = _migration()
+    folder = f"template/{migration.PACKAGE_FOLDER}"
+    flat = git(ROOT, "ls-tree", "--name-only", FLAT_COMMIT, f"{folder}/").split()
+    assert {Path(p).stem for p in flat if p.endswith(".py")} == set(migration.MOVES)
+    package = ROOT / folder
+    for old, new in migration.MOVES.items():
+        if new.startswith("/"):
+            assert (ROOT / "template" / new[1:]).is_file(), new
+            continue
+        path = package / new
+        assert path.is_file(), new
+        text = git(ROOT, "show", f"{FLAT_COMMIT}:{folder}/{old}.py")
+        moved = migration.translate_imports(text, migration.new_parts(old))
+        for node in ast.walk(ast.parse(moved)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = path.parents[node.level - 1]
+                target = base.joinpath(*(node.module or "").split("."))
+                names = [target / a.name for a in node.names] if not node.module else [target]
+                assert all(n.with_suffix(".py").is_file() or n.is_dir() for n in names), (
+                    f"{old}.py:{node.lineno} -> {new}: {ast.unparse(node)}"
+                )
+
+
+@pytest.mark.parametrize(
+    ("line", "where", "moved"),
+    [
+        ("from .config import X", "monitoring/monitor", "from ..core.config import X"),
+        ("from .loop import (\n", "training/train", "from .loop import (\n"),
+        ("  from . import registry", "training/loop", "  from ..registry import store as registry"),
+        ("from . import serving as s  # ok", "serving/deploy", "from . import contract as s  # ok"),
+        ("from .ours import f\r\n", "core/fileio", "from ..ours import f\r\n"),
+        ("from . import registry, loop", "evaluation/evaluate", "from . import registry, loop"),
+        ("from .config import X", "audit", "from .config import X"),
+    ],
+)
+def test_layout_migration_translates_relative_imports(line: str, where: str, moved: str):
+    assert _migration().translate_imports(line, tuple(where.split("/"))) == moved
 
 
 def test_layout_update_of_an_unchanged_project(
@@ -295,8 +334,9 @@ def test_layout_update_of_an_unchanged_project(
 ):
     project, _ = _flat_project(layout_releases, tmp_path / "project")
 
-    _layout_update(project, capfd)
+    report = _layout_update(project, capfd)
 
+    assert report == "layout migration: nothing to move\n"
     _assert_new_layout(project)
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
     assert answers["_commit"] == LAYOUT_RELEASE
@@ -312,7 +352,7 @@ def test_layout_update_brings_local_changes_to_the_moved_modules(
     ours += "    return file_md5(path)\n"
     monitor.write_text(monitor.read_text(encoding="utf-8") + ours, encoding="utf-8")
     _replace_line(package / "registry.py", 'CHAMPION = "champion"', 'CHAMPION = "production"')
-    (package / "notify.py").write_text('"""Ours: not the template\'s."""\n', encoding="utf-8")
+    (package / "notify.py").write_text("from .config import ProjectError\n", encoding="utf-8")
     git(project, "add", "-A")
     git(project, "commit", "-qm", "our changes")
 
@@ -327,8 +367,9 @@ def test_layout_update_brings_local_changes_to_the_moved_modules(
     top = f"src/{PACKAGE}"
     assert f"{top}/monitor.py -> {top}/monitoring/monitor.py: your changes merged cleanly" in report
     assert f"{top}/registry.py -> {top}/registry/store.py: your changes merged cleanly" in report
-    # The project's own module stays, named, with its import (none here) checked.
+    # The project's own module stays, named, with its import of a moved module.
     assert f"{top}/: notify.py not the template's, left where they are" in report
+    assert f"naming no module of the new layout: {top}/notify.py:1:" in report
     (package / "notify.py").unlink()
     _assert_new_layout(project)
     # Run again, the migration changes nothing.
