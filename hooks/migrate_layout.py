@@ -190,7 +190,7 @@ def unresolved_imports(project: Path, path: Path, package_dir: Path) -> list[str
     """``path``'s relative imports (``path:line``, from ``project``) naming no module there."""
     try:
         tree = ast.parse(path.read_bytes(), str(path))
-    except SyntaxError:  # conflict markers: the user resolves them first
+    except (SyntaxError, ValueError):  # conflict markers: the user resolves them first
         return []
     here = path.parent
     where = path.relative_to(project)
