@@ -409,6 +409,35 @@ def test_layout_update_leaves_conflicts_in_the_new_module(
     assert not (package / "registry.py").exists()
 
 
+def test_layout_migration_where_the_old_modules_are_still_there(
+    layout_releases: Path, tmp_path: Path
+):
+    """Where an update leaves the old modules (a Copier that does not delete them), the migration
+    reads the project's version from the file and removes every old module."""
+    project, package = _flat_project(layout_releases, tmp_path / "project")
+    monitor = package / "monitor.py"
+    monitor.write_text(monitor.read_text(encoding="utf-8") + "\n\nOURS = 1\n", encoding="utf-8")
+    git(project, "commit", "-qam", "ours")
+    # The new release's files over the project, nothing deleted.
+    template = layout_releases / "template"
+    shutil.copytree(template / "src" / "{{package_name}}", package, dirs_exist_ok=True)
+    (package / "__init__.py.jinja").unlink()
+    shutil.copytree(template / "tools", project / "tools", dirs_exist_ok=True)
+    args = ["--package", PACKAGE, "--template", str(layout_releases), "--from", FLAT_RELEASE]
+
+    result = subprocess.run(
+        [sys.executable, str(MIGRATE), *args], cwd=project, capture_output=True, text=True
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "monitoring/monitor.py: your changes merged cleanly" in result.stdout
+    assert "21 unchanged old module(s) removed" in result.stdout
+    assert (
+        (package / "monitoring" / "monitor.py").read_text(encoding="utf-8").endswith("\nOURS = 1\n")
+    )
+    _assert_new_layout(project)
+
+
 def test_layout_migration_fails_clearly_without_the_old_release(
     layout_releases: Path, tmp_path: Path
 ):
