@@ -71,33 +71,35 @@ def install(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Style and formatting (ruff), types in src/ (mypy), secrets (detect-secrets)."""
-    env = project_env(session)
-    run(session, "ruff", "check", ".", env=env)
-    run(session, "ruff", "format", "--check", ".", env=env)
-    run(session, "mypy", env=env)  # the files and settings: pyproject.toml's [tool.mypy]
-    _scan_secrets(session, env)
+    """Every hook of .pre-commit-config.yaml: ruff, mypy, codespell, secrets, the CI files, ...
+
+    `-- HOOK ...` runs only those (`nox -s lint -- mypy`). Fixers (ruff, whitespace) fix what
+    they can and still fail the run: look at the changes, then run it again.
+    """
+    _pre_commit(session, project_env(session), *session.posargs)
 
 
 @nox.session(default=False)
 def secrets(session: nox.Session) -> None:
-    """Scan the files git would commit for secrets (detect-secrets; `lint` runs it too)."""
-    _scan_secrets(session, project_env(session))
-
-
-def _scan_secrets(session: nox.Session, env: dict[str, str | None]) -> None:
-    """detect-secrets' pre-commit hook over every tracked or addable file, against the baseline.
+    """Scan the files git would commit for secrets (the detect-secrets hook; `lint` runs it too).
 
     New findings fail, naming the file and line. A false positive is marked in the code
     (`# pragma: allowlist secret`) or audited into .secrets.baseline (`detect-secrets scan
     --baseline .secrets.baseline`, then `detect-secrets audit .secrets.baseline`).
     """
+    _pre_commit(session, project_env(session), "detect-secrets")
+
+
+def _pre_commit(session: nox.Session, env: dict[str, str | None], *hooks: str) -> None:
+    """pre-commit's hooks (all, or those named) over every file git tracks or would add (a new
+    file not yet added is checked too: a secret in it must not wait for the commit)."""
     listed = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
     found = run(session, *listed, env=env, silent=True, success_codes=[0, 128])
     files = [f for f in found.split("\0") if f and (ROOT / f).is_file()]
     if not files:
-        session.error("secret scan: no files to scan (not a git repository? `git init` first)")
-    run(session, "detect-secrets-hook", "--baseline", ".secrets.baseline", *files, env=env)
+        session.error("lint: no files to check (not a git repository? `git init` first)")
+    command = ["pre-commit", "run", *hooks, "--show-diff-on-failure", "--files", *files]
+    run(session, *command, env=env)
 
 
 @nox.session

@@ -286,6 +286,9 @@ def test_license_fits_answer(project: Project) -> None:
 
 def test_pre_commit_hooks_fit_ci_providers(project: Project) -> None:
     config = project.yaml(".pre-commit-config.yaml")
+    # Every hook runs a tool of the locked environment: nothing for pre-commit to download.
+    assert {repo["repo"] for repo in config["repos"]} == {"local"}
+    assert {h["language"] for r in config["repos"] for h in r["hooks"]} <= {"unsupported", "pygrep"}
     hooks = {hook["id"] for repo in config["repos"] for hook in repo["hooks"]}
     assert {"ruff-check", "ruff-format", "check-yaml", "check-toml"} <= hooks
     assert {"check-added-large-files", "detect-secrets"} <= hooks
@@ -293,10 +296,17 @@ def test_pre_commit_hooks_fit_ci_providers(project: Project) -> None:
     assert secrets["args"] == ["--baseline", ".secrets.baseline"]
     assert json.loads(project.read(".secrets.baseline"))["results"] == {}
     providers = project.answers["ci_providers"]
-    github = {"zizmor", "actionlint", "check-github-workflows", "check-dependabot"}
+    github = {"zizmor", "check-github-workflows", "check-dependabot"}
     assert (github <= hooks) == ("github" in providers)
     assert not (github & hooks) or "github" in providers
     assert ("check-gitlab-ci" in hooks) == ("gitlab" in providers)
+    # Each tool a hook runs is in the dev group, which uv.lock pins.
+    dev = project.toml("pyproject.toml")["dependency-groups"]["dev"]
+    names = {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0] for requirement in dev}
+    tools = {"pre-commit", "pre-commit-hooks", "ruff", "mypy", "codespell", "detect-secrets"}
+    tools |= {"zizmor"} if "github" in providers else set()
+    tools |= {"check-jsonschema"} if {"github", "gitlab"} & set(providers) else set()
+    assert tools <= names
     dependabot = project.path / ".github" / "dependabot.yml"
     assert dependabot.exists() == ("github" in providers)
     if dependabot.exists():

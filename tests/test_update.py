@@ -27,7 +27,7 @@ OLD, NEW = "v1.0.0", "v1.1.0"
 # What the older release had differently: the help of two Makefile targets, LICENSE under its
 # old name, and the author answer under its old name. The newer one migrates both names.
 OLD_LINT = "lint: ## Ruff"
-NEW_LINT = "lint: ## Ruff, mypy on src/ and the secret scan"
+NEW_LINT = "lint: ## The pre-commit hooks: ruff, mypy, codespell, the secret scan, the CI files"
 OLD_TEST = "test: ## Lint and tests"
 NEW_TEST = "test: ## Lint and unit tests"
 # 9.3+ migrations: a list of {version, command, when}, added to copier.yml's own. Before the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from my_ml_project.monitoring.monitor import (
     read_feedback,
     read_log,
 )
+from my_ml_project.monitoring.result import SCHEMA_VERSION, MonitorResult, json_schema
 from my_ml_project.monitoring.retrain import RetrainError, check_versioned, csv_lines
 from my_ml_project.serving.predlog import PredictionLog, count_rows
 
@@ -212,18 +214,40 @@ def test_monitor_finds_the_shifted_feature_and_new_categories(
     result, folder = monitor(
         load_params().monitor.model_copy(update={"min_rows": 20}), tmp_path / "calm"
     )
-    assert result["status"] in ("healthy", "drift")
-    assert set(result["drift"]["features"]) == set(mixed.features)
+    assert result.status in ("healthy", "drift")
+    assert set(result.drift.features) == set(mixed.features)
     assert (folder / "report.html").stat().st_size > 100_000
-    assert json.loads((folder.parent / "latest" / "result.json").read_text()) == result
+    written = folder.parent / "latest" / "result.json"
+    assert json.loads(written.read_text())["schema_version"] == SCHEMA_VERSION
+    assert MonitorResult.read(written).to_json() == result.to_json()
+    assert written.stat().st_mode & 0o777 == 0o666 & ~current_umask()
 
     moved = test.assign(tenure=test["tenure"] + 1000, plan="Platinum")
     log_rows(tmp_path / "moved", moved, mixed)
     result, _ = monitor(PARAMS, tmp_path / "moved")
-    assert result["status"] == "drift"
-    assert {"tenure", "plan"} <= set(result["drift"]["drifted_features"])
-    assert result["data_summary"]["new_categories"]["plan"] == ["Platinum"]
-    assert result["data_summary"]["out_of_range"]["tenure"]["rows"] > 0
+    assert result.status == "drift"
+    assert {"tenure", "plan"} <= set(result.drift.drifted_features)
+    assert result.data_summary["new_categories"]["plan"] == ["Platinum"]
+    assert result.data_summary["out_of_range"]["tenure"]["rows"] > 0
+
+
+def current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def test_result_json_has_a_versioned_schema_and_refuses_others(tmp_path: Path) -> None:
+    schema = json_schema()
+    assert schema["properties"]["schema_version"]["default"] == SCHEMA_VERSION
+    assert {"status", "reasons", "rows", "source"} <= set(schema["required"])
+    stale = tmp_path / "result.json"
+    stale.write_text(json.dumps({"status": "drift", "schema_version": 0}))
+    with pytest.raises(ValueError, match="schema_version 0"):
+        MonitorResult.read(stale)
+    stale.write_text(json.dumps({"status": "fine", "schema_version": SCHEMA_VERSION}))
+    with pytest.raises(ValueError, match="not a monitoring result"):
+        MonitorResult.read(stale)
 
 
 def test_retrain_writes_rows_in_the_raw_file_s_column_order() -> None:

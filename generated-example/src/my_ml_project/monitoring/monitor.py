@@ -1,6 +1,6 @@
 """Monitoring: served traffic against the training data (Evidently), with a gate CI acts on.
 
-``python -m <package>.monitor [--last N | --since TIME] [--current FILE] [--log-dir DIR]
+``python -m <package>.monitoring.monitor [--last N | --since TIME] [--current FILE] [--log-dir DIR]
 [--no-fail]`` (``nox -s monitor``), from the project root. Reads the ``monitor`` section of
 params.yaml, the prepared train split (the reference, as DVC tracks it) and either the prediction
 log (``PREDICTION_LOG_DIR``, default ``logs/predictions``, see :mod:`.predlog`) with the feedback
@@ -18,9 +18,10 @@ What it checks:
 
 Writes ``reports/monitoring/<UTC time>/`` (``report.html``: drift and data summary;
 ``quality.html``: classification on the labelled rows; ``result.json``) and the same files in
-``reports/monitoring/latest/``. Exit code: 0 healthy, 3 drift, 4 degraded (quality fell),
-5 insufficient_data, 2 bad input (the message says what to fix); ``--no-fail``: 0 whatever the
-status, for dashboards.
+``reports/monitoring/latest/``; ``result.json`` is a :class:`~.result.MonitorResult` (versioned
+schema: ``python -m <package>.monitoring.result`` prints it). Exit code: 0 healthy, 3 drift,
+4 degraded (quality fell), 5 insufficient_data, 2 bad input (the message says what to fix);
+``--no-fail``: 0 whatever the status, for dashboards.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..core.config import MonitorParams, ProjectError, cli_errors, load_params
@@ -44,6 +44,7 @@ from ..core.fileio import atomic_write_text
 from ..core.paths import LOGGED_MODELS_DIR, REPORTS_DIR
 from ..data.prepare import DataError, Schema, load_frame
 from ..serving.predlog import FEEDBACK, PREDICTIONS, log_folder
+from .result import DriftSummary, MonitorResult, RowCounts, Status
 
 PREDICTION = "prediction"  # the predicted class, as a monitored column
 EXIT_CODES = {"healthy": 0, "drift": 3, "degraded": 4, "insufficient_data": 5}
@@ -433,7 +434,7 @@ def shadow_comparison(traffic: Traffic) -> dict[str, Any] | None:
 def decide(
     rows: int, drift: dict[str, dict[str, Any]], features: Sequence[str], qual: dict[str, Any],
     params: MonitorParams,
-) -> tuple[str, list[str], list[str]]:  # fmt: skip
+) -> tuple[Status, list[str], list[str]]:  # fmt: skip
     """(status, reasons, drifted features): insufficient_data before degraded before drift."""
     if rows < params.min_rows:
         return "insufficient_data", [f"{rows} rows < monitor.min_rows {params.min_rows}"], []
@@ -493,7 +494,7 @@ def classification_report(traffic: Traffic, classes: list[str]) -> Any | None:
 
 
 def write_outputs(
-    result: dict[str, Any], snapshots: dict[str, Any], root: Path = REPORTS_DIR
+    result: MonitorResult, snapshots: dict[str, Any], root: Path = REPORTS_DIR
 ) -> Path:
     """``<root>/<UTC time>/`` with the HTML reports and result.json; ``latest/`` replaced."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -502,8 +503,8 @@ def write_outputs(
     for name, snapshot in snapshots.items():
         if snapshot is not None:
             snapshot.save_html(str(folder / name))
-            result["reports"][name.removesuffix(".html")] = name
-    atomic_write_text(folder / "result.json", json.dumps(result, indent=2, default=_plain) + "\n")
+            result.reports[name.removesuffix(".html")] = name
+    atomic_write_text(folder / "result.json", result.to_json())
     latest, staging = root / "latest", root / f".latest-{stamp}"
     shutil.copytree(folder, staging)
     old = root / f".old-{stamp}"
@@ -514,23 +515,17 @@ def write_outputs(
     return folder
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
-
-
-def print_summary(result: dict[str, Any], folder: Path) -> None:
-    rows, versions = result["rows"], result["model_versions"]
+def print_summary(result: MonitorResult, folder: Path) -> None:
+    rows, versions = result.rows, result.model_versions
     seen = ", ".join(f"v{v}: {n}" for v, n in versions.items()) or "-"
     print(
-        f"monitoring {result['source']}: {rows['current']} rows (models {seen}); "
-        f"reference: train split, {rows['reference']} rows"
+        f"monitoring {result.source}: {rows.current} rows (models {seen}); "
+        f"reference: train split, {rows.reference} rows"
     )
-    print(f"status: {result['status'].upper()}")
-    for reason in result["reasons"]:
+    print(f"status: {result.status.upper()}")
+    for reason in result.reasons:
         print(f"  - {reason}")
-    features = result["drift"]["features"]
+    features = result.drift.features
     if features:
         order = sorted(features.items(), key=lambda kv: (not kv[1].get("drifted"), kv[0]))
         print(f"  {'column':<28} {'test':<22} {'score':>9} {'threshold':>9}  drift")
@@ -542,12 +537,12 @@ def print_summary(result: dict[str, Any], folder: Path) -> None:
             )
         if len(order) > SHOWN:
             print(f"  ... {len(order) - SHOWN} more in result.json")
-    for version, entry in result["quality"]["versions"].items():
+    for version, entry in result.quality.get("versions", {}).items():
         print(
             f"  quality v{version}: {entry['rows']} labelled rows, accuracy {entry['accuracy']:.3f}"
             f" (test {entry.get('test_accuracy', float('nan')):.3f}), F1 {entry['f1']:.3f}"
         )
-    if shadow := result.get("shadow"):
+    if shadow := result.shadow:
         line = f"  shadow: champion and challenger agree on {shadow['agreement']:.1%}"
         line += f" of {shadow['rows']} rows"
         if "challenger_accuracy" in shadow:
@@ -565,7 +560,7 @@ def monitor(
     current_file: Path | None = None,
     since: datetime | None = None,
     last: int | None = None,
-) -> tuple[dict[str, Any], Path]:
+) -> tuple[MonitorResult, Path]:
     """Read, check, write the reports; (result, report folder)."""
     try:
         reference_raw, schema = load_frame("train")
@@ -586,27 +581,10 @@ def monitor(
         if "model_version" in frame
         else {}
     )
-    result: dict[str, Any] = {
-        "status": None,
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": traffic.source,
-        "window": traffic.window,
-        "rows": {
-            "current": len(frame),
-            "reference": len(reference_raw),
-            "labelled": len(traffic.labelled),
-        },
-        "model_versions": versions,
-        "thresholds": params.model_dump(),
-        "drift": {"features": {}, "drifted_features": [], "share": None, "prediction": None},
-        "data_summary": {},
-        "quality": {"labelled_rows": 0, "versions": {}},
-        "shadow": None,
-        "reports": {},
-    }
     snapshots: dict[str, Any] = {}
     qual = quality(traffic, cards, params)
     drift: dict[str, dict[str, Any]] = {}
+    summary: dict[str, Any] = {}
     if len(frame) >= params.min_rows:
         reference = reference_raw.assign(**{PREDICTION: reference_raw[schema.target].astype(str)})
         try:
@@ -618,19 +596,30 @@ def monitor(
             current_typed = current_typed.drop(columns=PREDICTION)
             reference_typed = reference_typed.drop(columns=PREDICTION)
         snapshots["report.html"], drift = run_drift(current_typed, reference_typed, schema, params)
-        result["data_summary"] = data_summary(current_typed, reference_typed, schema)
+        summary = data_summary(current_typed, reference_typed, schema)
         snapshots["quality.html"] = classification_report(traffic, schema.classes)
     status, reasons, drifted = decide(len(frame), drift, schema.features, qual, params)
     if status == "insufficient_data" and len(frame) == 0:
         reasons = [f"no rows in the window ({_window_text(traffic.window)})"]
-    result |= {"status": status, "reasons": reasons, "quality": qual}
-    result["drift"] = {
-        "features": {n: drift[n] for n in schema.features if n in drift},
-        "drifted_features": drifted,
-        "share": len(drifted) / len(schema.features) if drift else None,
-        "prediction": drift.get(PREDICTION),
-    }
-    result["shadow"] = shadow_comparison(traffic)
+    result = MonitorResult(
+        status=status,
+        reasons=reasons,
+        generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        source=traffic.source,
+        window=traffic.window,
+        rows=RowCounts(len(frame), len(reference_raw), len(traffic.labelled)),
+        model_versions=versions,
+        thresholds=params.model_dump(),
+        drift=DriftSummary(
+            features={n: drift[n] for n in schema.features if n in drift},
+            drifted_features=drifted,
+            share=len(drifted) / len(schema.features) if drift else None,
+            prediction=drift.get(PREDICTION),
+        ),
+        data_summary=summary,
+        quality=qual,
+        shadow=shadow_comparison(traffic),
+    )
     folder = write_outputs(result, snapshots)
     return result, folder
 
@@ -658,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params().monitor
     result, folder = monitor(params, log_dir, args.current, since, args.last)
     print_summary(result, folder)
-    return 0 if args.no_fail else EXIT_CODES[result["status"]]
+    return 0 if args.no_fail else EXIT_CODES[result.status]
 
 
 if __name__ == "__main__":

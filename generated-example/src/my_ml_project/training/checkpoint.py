@@ -1,6 +1,8 @@
 """Training checkpoints: their format, the fingerprint that guards resume, and the RNG state.
 
-A checkpoint is a plain dict that ``torch.load(weights_only=True)`` accepts. Rank 0 rewrites it
+A checkpoint is a plain dict that ``torch.load(weights_only=True)`` accepts, typed here as
+:class:`TrainState` (what the loop updates) and :class:`Checkpoint` (that, plus the weights,
+optimizer, scaler and every rank's generator state, as saved). Rank 0 rewrites it
 atomically every ``train.checkpoint_every`` epochs and after the last, so a crash leaves the last
 checkpointed epoch; a resumed run repeats an uninterrupted one exactly because every rank's
 generator state is saved with it.
@@ -13,7 +15,7 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict, cast
 
 import numpy as np
 import torch
@@ -56,7 +58,57 @@ def fingerprint(
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
+class Best(TypedDict):
+    """The best epoch so far (lowest validation loss) and its weights."""
+
+    epoch: int
+    val_loss: float
+    val_accuracy: float
+    state: dict[str, torch.Tensor] | None
+
+
+class Stats(TypedDict):
+    """Throughput counters, summed over resumed runs."""
+
+    samples: float
+    seconds: float  # in the training steps only
+    loop_seconds: float  # the whole loop: steps, validation, checkpoints, logging
+
+
+class RngState(TypedDict):
+    """One process's generator states."""
+
+    python: tuple[Any, ...]
+    numpy: tuple[str, list[int], int, int, float]
+    torch: torch.Tensor
+    cuda: torch.Tensor | None
+
+
+class TrainState(TypedDict):
+    """What the loop carries from epoch to epoch, and a resumed run starts from."""
+
+    format: int
+    fingerprint: str
+    finished: bool
+    epoch: int
+    best: Best
+    bad_epochs: int
+    stopped_early: bool
+    history: list[dict[str, float]]
+    stats: Stats
+    run_id: str | None
+
+
+class Checkpoint(TrainState):
+    """A saved checkpoint: the state, and what resuming needs to continue exactly."""
+
+    model: NotRequired[dict[str, torch.Tensor]]
+    optimizer: NotRequired[dict[str, Any]]
+    scaler: NotRequired[dict[str, Any]]
+    rng: NotRequired[list[RngState]]
+
+
+def rng_state(device: torch.device) -> RngState:
     """This process's generator states, in types ``torch.load(weights_only=True)`` accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     return {
@@ -68,7 +120,7 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+def set_rng_state(state: RngState, device: torch.device) -> None:
     """Restore what :func:`rng_state` returned."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -84,7 +136,7 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def new_state(fp: str, run_id: str | None) -> dict[str, Any]:
+def new_state(fp: str, run_id: str | None) -> Checkpoint:
     """The checkpoint of a run before its first epoch."""
     return {
         "format": CHECKPOINT_FORMAT,
@@ -101,8 +153,8 @@ def new_state(fp: str, run_id: str | None) -> dict[str, Any]:
 
 
 def restore(
-    state: dict[str, Any],
-    start: dict[str, Any],
+    state: Checkpoint,
+    start: Checkpoint,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -114,38 +166,38 @@ def restore(
     optimizer.load_state_dict(start["optimizer"])
     scaler.load_state_dict(start["scaler"])
     set_rng_state(start["rng"][rank], device)
-    state.update({k: v for k, v in start.items() if k != "run_id"})
+    run_id = state["run_id"]
+    state.update(start)
     # copies: the loop updates these in place
-    state.update(
-        best=dict(start["best"]), history=list(start["history"]), stats=dict(start["stats"])
-    )
+    state["run_id"] = run_id
+    state["best"] = Best(**start["best"])
+    state["history"] = list(start["history"])
+    state["stats"] = Stats(**start["stats"])
 
 
 def save(
-    state: dict[str, Any],
+    state: Checkpoint,
     path: Path,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    rngs: list[dict[str, Any]],
+    rngs: list[RngState],
 ) -> None:
     """Write the checkpoint of the epoch just done (rank 0; ``rngs``: every rank's state)."""
-    state.update(
-        model=cpu_state(model),
-        optimizer=optimizer.state_dict(),
-        scaler=scaler.state_dict(),
-        rng=rngs,
-    )
+    state["model"] = cpu_state(model)
+    state["optimizer"] = optimizer.state_dict()
+    state["scaler"] = scaler.state_dict()
+    state["rng"] = rngs
     atomic_write(path, lambda fh: torch.save(state, fh))
 
 
-def mark_finished(state: dict[str, Any], path: Path) -> None:
+def mark_finished(state: Checkpoint, path: Path) -> None:
     """Rewrite the checkpoint as finished: ``resume: auto`` then starts the next run fresh."""
-    finished = {**state, "finished": True}
+    finished: Checkpoint = {**state, "finished": True}
     atomic_write(path, lambda fh: torch.save(finished, fh))
 
 
-def read_checkpoint(path: Path, fp: str, mode: str) -> tuple[dict[str, Any] | None, str]:
+def read_checkpoint(path: Path, fp: str, mode: str) -> tuple[Checkpoint | None, str]:
     """The checkpoint to resume from (None: start fresh) and a line that says why.
 
     ``mode``: auto resumes an unfinished run with the same fingerprint; always must resume
@@ -180,10 +232,12 @@ def read_checkpoint(path: Path, fp: str, mode: str) -> tuple[dict[str, Any] | No
     return ckpt, f"resuming from {path}: {ckpt['epoch']} epoch(s) done"
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def _load(path: Path) -> Checkpoint | None:
     """The checkpoint in ``path``, or None if it is not one of ours."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a truncated or foreign file can fail in many ways
         return None
-    return ckpt if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT else None
+    if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+        return cast(Checkpoint, ckpt)
+    return None

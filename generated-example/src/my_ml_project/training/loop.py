@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core.config import ProjectError, TrainParams
 from ..data.prepare import TrainData
 from ..model.network import TabularClassifier
-from .checkpoint import cpu_state, new_state, restore, rng_state, save
+from .checkpoint import Checkpoint, cpu_state, new_state, restore, rng_state, save
 from .distributed import DistContext, all_reduce_sum, amp_dtype, broadcast, gather
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -170,7 +170,7 @@ class FitResult:
     samples: float
     seconds: float  # in the training steps only
     loop_seconds: float  # the whole loop: steps, validation, checkpoints, logging
-    checkpoint: dict[str, Any] = field(repr=False)
+    checkpoint: Checkpoint = field(repr=False)
 
     @property
     def epochs_run(self) -> int:
@@ -191,8 +191,8 @@ def _setup(
     cfg: TrainParams,
     ctx: DistContext,
     seed: int,
-    state: dict[str, Any],
-    start: dict[str, Any] | None,
+    state: Checkpoint,
+    start: Checkpoint | None,
 ) -> _Loop:
     """Move data and model to the device, build the optimizer, and resume from ``start``."""
     device = ctx.device
@@ -230,7 +230,7 @@ def _setup(
     )
 
 
-def _epoch(loop: _Loop, state: dict[str, Any], epoch: int) -> dict[str, float]:
+def _epoch(loop: _Loop, state: Checkpoint, epoch: int) -> dict[str, float]:
     """Train one epoch and validate; returns the epoch's row of the history."""
     began = time.perf_counter()
     order = _to_device(
@@ -254,12 +254,14 @@ def _epoch(loop: _Loop, state: dict[str, Any], epoch: int) -> dict[str, float]:
     }
 
 
-def _early_stopping(loop: _Loop, state: dict[str, Any], row: dict[str, float]) -> None:
+def _early_stopping(loop: _Loop, state: Checkpoint, row: dict[str, float]) -> None:
     """Record the epoch: keep the best weights, count epochs without progress, decide to stop."""
     state["history"].append(row)
     best = state["best"]
     if row["val_loss"] < best["val_loss"]:
-        best.update(epoch=row["epoch"], val_loss=row["val_loss"], val_accuracy=row["val_accuracy"])
+        best["epoch"] = int(row["epoch"])
+        best["val_loss"] = row["val_loss"]
+        best["val_accuracy"] = row["val_accuracy"]
         best["state"] = cpu_state(loop.model)
         state["bad_epochs"] = 0
     else:
@@ -267,10 +269,10 @@ def _early_stopping(loop: _Loop, state: dict[str, Any], row: dict[str, float]) -
     # Rank 0 decides, so ranks can never disagree about stopping (and then hang).
     stop = loop.cfg.patience > 0 and state["bad_epochs"] >= loop.cfg.patience
     state["stopped_early"] = bool(broadcast(stop, loop.ctx))
-    state["epoch"] = row["epoch"]
+    state["epoch"] = int(row["epoch"])
 
 
-def _result(model: TabularClassifier, state: dict[str, Any]) -> FitResult:
+def _result(model: TabularClassifier, state: Checkpoint) -> FitResult:
     """The best epoch's model (in eval mode) and the run's numbers."""
     best = state["best"]
     if best["state"] is not None:
@@ -298,7 +300,7 @@ def fit(
     ctx: DistContext,
     seed: int,
     fp: str = "",
-    start: dict[str, Any] | None = None,
+    start: Checkpoint | None = None,
     checkpoint: Path | None = None,
     run_id: str | None = None,
     log_epochs: LogHook | None = None,

@@ -24,7 +24,7 @@ from ..core.config import Params, ProjectError, cli_errors, load_params
 from ..core.paths import CHECKPOINT_FILE, module
 from ..data.prepare import TrainData, load_train_data
 from ..model.network import build_model
-from .checkpoint import fingerprint, mark_finished, read_checkpoint
+from .checkpoint import Checkpoint, fingerprint, mark_finished, read_checkpoint
 from .distributed import DistContext, amp_dtype, amp_name, broadcast, init_distributed, shutdown
 from .loop import EpochHook, fit
 from .tracking import Tracker, ending, publish, run_tags
@@ -54,7 +54,7 @@ def _start(
     data: TrainData,
     ctx: DistContext,
     amp: str,
-) -> tuple[Tracker | None, dict[str, Any] | None]:
+) -> tuple[Tracker | None, Checkpoint | None]:
     """Rank 0 picks the checkpoint and opens the MLflow run; the other ranks hear its choice."""
     if not ctx.is_main:
         status, start = broadcast(None, ctx)
