@@ -255,6 +255,16 @@ def rollback(session: nox.Session) -> None:
     session.log("restart the service (`nox -s serve`) to serve the rolled-back model")
 
 
+@nox.session(default=False)
+def unblock(session: nox.Session) -> None:
+    """Let a rolled-back version be promoted again: -- VERSION (rollback blocks the one it left)."""
+    if len(session.posargs) != 1 or not session.posargs[0].isdigit():
+        session.error("usage: nox -s unblock -- VERSION (a registered version number)")
+    env = project_env(session)
+    store = f"{PACKAGE}.registry.store"
+    run(session, "python", "-m", store, "unblock", session.posargs[0], env=env)
+
+
 # --- CI helpers: what the pipelines (.github/, .gitlab-ci.yml, Jenkinsfile) need besides the
 # sessions above, kept here so that no pipeline carries logic of its own.
 MONITOR_RESULT = ROOT / "reports" / "monitoring" / "latest" / "result.json"

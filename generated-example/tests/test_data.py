@@ -215,13 +215,16 @@ def test_single_class_is_refused(write: Callable[..., Path]) -> None:
         read_raw(write(frame(y=["yes"] * 60)), "y")
 
 
-def test_too_small_class_is_named(project_dir: Path) -> None:
+def test_too_small_class_is_named(project_dir: Path, update_params: Callable[..., Any]) -> None:
     params = load_params()
     df = pd.read_csv(params.data.raw_path)
-    df.loc[:2, "label"] = "rare"
+    df.loc[:0, "label"] = "rare"  # one row: two of the three splits go without
     df.to_csv(params.data.raw_path, index=False)
-    with pytest.raises(DataError, match=r"class 'rare' has 3; each class needs at least 7"):
+    with pytest.raises(DataError, match=r"split has no row of class rare .*split.method: hash"):
         prepare(params)
+    shuffled = update_params({"split": {"method": "random"}})
+    with pytest.raises(DataError, match=r"class 'rare' has 1; each class needs at least 7"):
+        prepare(shuffled)
 
 
 @pytest.mark.parametrize(
@@ -274,14 +277,83 @@ def test_split_sizes_and_stratification(tmp_path: Path, make_csv: Callable[..., 
         assert np.allclose(shares.sort_index(), overall.sort_index(), atol=0.02)
 
 
+def _splits() -> dict[str, pd.DataFrame]:
+    return {s: pd.read_parquet(f"data/processed/{s}.parquet") for s in ("train", "val", "test")}
+
+
+def _assignment() -> dict[int, str]:
+    """Row key -> split, as prepare wrote them."""
+    keys = pd.read_parquet("data/processed/row_keys.parquet")
+    return dict(zip(keys["key"].tolist(), keys["split"].tolist(), strict=True))
+
+
 def test_prepare_is_deterministic(project_dir: Path, update_params: Callable[..., Any]) -> None:
     prepare(load_params())
-    first = {s: pd.read_parquet(f"data/processed/{s}.parquet") for s in ("train", "val", "test")}
+    first = _splits()
     prepare(load_params())
     for split, df in first.items():
         pd.testing.assert_frame_equal(pd.read_parquet(f"data/processed/{split}.parquet"), df)
+    # The hash split ignores the seed (it is the training's): no row moves.
     prepare(update_params({"seed": 7}))
+    for split, df in first.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(f"data/processed/{split}.parquet"), df)
+    prepare(update_params({"split": {"method": "random"}}))
     assert not pd.read_parquet("data/processed/test.parquet").equals(first["test"])
+
+
+def test_appending_rows_moves_no_existing_row(
+    project_dir: Path, make_csv: Callable[..., Path]
+) -> None:
+    """What `nox -s retrain` does to the raw file: a row keeps its split forever."""
+    params = load_params()
+    prepare(params)
+    before = _assignment()
+    raw = Path(params.data.raw_path)
+    extra = pd.read_csv(make_csv(project_dir / "more.csv", n_rows=300, seed=99))
+    with raw.open("a") as fh:  # lines appended, the file's own lines untouched
+        fh.write(extra.to_csv(header=False, index=False))
+    prepare(params)
+    after = _assignment()
+    assert len(after) == len(before) + 300
+    moved = [key for key, split in before.items() if after[key] != split]
+    assert moved == []
+
+
+def test_a_new_salt_re_splits_and_identical_rows_stay_together(
+    project_dir: Path, update_params: Callable[..., Any]
+) -> None:
+    params = load_params()
+    raw = Path(params.data.raw_path)
+    df = pd.read_csv(raw)
+    pd.concat([df, df.head(10).assign(label="positive")]).to_csv(raw, index=False)  # duplicates
+    prepare(params)
+    first = _assignment()
+    assert len(first) == len(df), "identical feature values share one key, whatever the label"
+    prepare(update_params({"split": {"salt": "another"}}))
+    assert sum(first[k] != split for k, split in _assignment().items()) > len(first) // 4
+
+
+def test_an_id_column_decides_the_split_and_is_no_feature(
+    project_dir: Path, update_params: Callable[..., Any]
+) -> None:
+    params = load_params()
+    raw = Path(params.data.raw_path)
+    df = pd.read_csv(raw)
+    df.insert(0, "customer", [f"c{i:04d}" for i in range(len(df))])
+    df.to_csv(raw, index=False)
+    schema = prepare(update_params({"split": {"id_column": "customer"}}))
+    assert "customer" not in schema.features
+    first = {s: len(f) for s, f in _splits().items()}
+    df.loc[:, "feature_0"] = df["feature_0"] + 1.0  # every row corrected: none moves
+    df.to_csv(raw, index=False)
+    prepare(load_params())
+    assert {s: len(f) for s, f in _splits().items()} == first
+    df.loc[3, "customer"] = None
+    df.to_csv(raw, index=False)
+    with pytest.raises(DataError, match=r"1 rows have no value in split\.id_column 'customer'"):
+        prepare(load_params())
+    with pytest.raises(DataError, match=r"split\.id_column 'account' not found"):
+        prepare(update_params({"split": {"id_column": "account"}}))
 
 
 def test_main_writes_splits_and_schema(
@@ -292,9 +364,17 @@ def test_main_writes_splits_and_schema(
     assert schema["features"] == FEATURES
     assert schema["target"] == "label"
     assert schema["classes"] == ["negative", "positive"]
-    assert schema["rows"] == {"train": 84, "val": 18, "test": 18}
+    rows = schema["rows"]
+    assert sum(rows.values()) == 120
+    assert all(10 <= rows[name] <= 26 for name in ("val", "test")), rows  # 15% of 120, hashed
+    assert schema["split"] == {
+        "method": "hash",
+        "salt": load_params().split.salt,
+        "id_column": None,
+    }
     assert len(schema["raw"]["md5"]) == 32
-    assert "train 84, val 18, test 18" in capsys.readouterr().out
+    counts = ", ".join(f"{name} {n}" for name, n in rows.items())
+    assert counts in capsys.readouterr().out
 
 
 def test_multiclass_integer_labels(
@@ -316,8 +396,9 @@ def test_load_split_dtypes_and_shapes(prepared_project: Path) -> None:
     x, y, schema = load_split("test")
     assert x.dtype == np.float32
     assert y.dtype == np.int64
-    assert x.shape == (18, 4)
-    assert y.shape == (18,)
+    rows = json.loads(Path("data/processed/schema.json").read_text())["rows"]["test"]
+    assert x.shape == (rows, 4)
+    assert y.shape == (rows,)
     assert schema == Schema(
         features=FEATURES,
         target="label",

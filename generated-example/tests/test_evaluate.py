@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from my_ml_project.core import paths
-from my_ml_project.core.config import ModelParams, Params
-from my_ml_project.data.prepare import load_split
+from my_ml_project.core.config import ModelParams, Params, ProjectError
+from my_ml_project.data.prepare import load_row_keys, load_split
 from my_ml_project.evaluation import evaluate
 from my_ml_project.model.network import TabularClassifier, build_model, save_model
 from my_ml_project.registry import store as registry
@@ -91,13 +91,26 @@ def constant_model() -> TabularClassifier:
     return linear_model([0.0, 0.0, 0.0, 0.0], bias)
 
 
-def publish(model: TabularClassifier, params: Params) -> dict[str, str]:
-    """What train does after fitting: save, log and register the model, write models/run.json."""
+def publish(
+    model: TabularClassifier, params: Params, seen: np.ndarray | None = None, record: bool = True
+) -> dict[str, str]:
+    """What train does after fitting: save, log and register the model, write models/run.json.
+
+    ``seen``: the row keys the run records as trained on (default: the train and val splits');
+    ``record=False``: none, as runs of older releases.
+    """
     save_model(model, paths.MODEL_FILE)
     registry.configure(params.mlflow)
     example = pd.DataFrame(np.ones((2, len(model.feature_names))), columns=model.feature_names)
+    if seen is None:
+        seen = np.concatenate([load_row_keys("train"), load_row_keys("val")])
     with mlflow.start_run() as run:
         logged = registry.log_model(model, example)
+        if record:
+            table = paths.PROCESSED_DIR / paths.SEEN_ROWS_ARTIFACT
+            pd.DataFrame({"key": seen}).to_parquet(table, index=False)
+            mlflow.log_artifact(str(table))
+            table.unlink()
     name = params.mlflow.model_name
     info = {
         "run_id": run.info.run_id,
@@ -176,8 +189,9 @@ def test_worse_model_is_not_promoted(params: Params, capsys: pytest.CaptureFixtu
     assert evaluate.main([]) == 0, "a valid but worse model must not break `dvc repro`"
     out = capsys.readouterr().out
     v_old, v_new = champion["model_version"], candidate["model_version"]
-    assert f"NOT PROMOTED: candidate v{v_new} f1=" in out
-    assert f"< champion v{v_old} f1=" in out
+    assert "NOT PROMOTED: on " in out
+    assert f"candidate v{v_new} f1=" in out
+    assert f"<= champion v{v_old} f1=" in out
     name = candidate["model_name"]
     assert registry.get_alias_version(name, registry.CHAMPION) == v_old
     assert registry.get_alias_version(name, registry.CHALLENGER) == v_new
@@ -188,21 +202,90 @@ def test_worse_model_is_not_promoted(params: Params, capsys: pytest.CaptureFixtu
     assert decision["baseline_score"] < decision["candidate_score"] < decision["champion_score"]
 
 
-@pytest.mark.parametrize(("margin", "expected"), [(0.0, "promoted"), (0.05, "not_promoted")])
-def test_equal_model_needs_the_margin(
-    params: Params,
-    update_params: Callable[[dict[str, Any]], Params],
-    margin: float,
-    expected: str,
+def test_a_tie_never_promotes(
+    params: Params, update_params: Callable[[dict[str, Any]], Params]
 ) -> None:
+    first = publish(good_model(), params)
+    assert evaluate.main([]) == 0
     publish(good_model(), params)
     assert evaluate.main([]) == 0
-    params = update_params({"evaluate": {"promotion_margin": margin}})
-    candidate = publish(good_model(), params)
+    assert gate()["decision"] == "not_promoted"
+    assert gate()["candidate_holdout_score"] == gate()["champion_score"]
+    name = first["model_name"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == first["model_version"]
+    with pytest.raises(ProjectError, match=r"evaluate\.promotion_margin"):
+        update_params({"evaluate": {"promotion_margin": 0.0}})
+
+
+def test_the_gate_judges_both_models_on_rows_neither_trained_on(params: Params) -> None:
+    """A champion trained on half of today's test rows (an older split) is judged on the rest."""
+    test_keys = load_row_keys("test")
+    own = np.concatenate([load_row_keys("train"), load_row_keys("val")])
+    champion = publish(weak_model(), params, seen=np.concatenate([own, test_keys[::2]]))
     assert evaluate.main([]) == 0
-    assert gate()["decision"] == expected
-    promoted = registry.get_alias_version(candidate["model_name"], registry.CHAMPION)
-    assert (promoted == candidate["model_version"]) == (expected == "promoted")
+    publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    decision = gate()
+    assert decision["excluded_rows"] == len(test_keys[::2])
+    assert decision["holdout_rows"] == len(test_keys) - len(test_keys[::2])
+    assert decision["decision"] == "promoted"
+    assert f"on {decision['holdout_rows']} holdout rows" in decision["reason"]
+    assert champion["model_version"] != decision["candidate_version"]
+
+
+def test_too_small_a_holdout_is_undecided(
+    params: Params, capsys: pytest.CaptureFixture[str]
+) -> None:
+    everything = np.concatenate([load_row_keys(s) for s in ("train", "val", "test")])
+    champion = publish(weak_model(), params, seen=everything)
+    assert evaluate.main([]) == 0
+    publish(good_model(), params)
+    capsys.readouterr()
+    assert evaluate.main([]) == evaluate.GATE_UNDECIDED_EXIT
+    err = capsys.readouterr().err
+    assert "only 0 of" in err
+    assert "evaluate.min_holdout is 5" in err
+    assert "Fix: add fresh labelled rows" in err
+    name = champion["model_name"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == champion["model_version"]
+
+
+def test_a_champion_without_a_record_of_its_rows_is_undecided(
+    params: Params, capsys: pytest.CaptureFixture[str]
+) -> None:
+    champion = publish(weak_model(), params, record=False)
+    assert evaluate.main([]) == 0  # the first champion needs no comparison
+    publish(good_model(), params)
+    capsys.readouterr()
+    assert evaluate.main([]) == evaluate.GATE_UNDECIDED_EXIT
+    assert "recorded no training rows" in capsys.readouterr().err
+    name = champion["model_name"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == champion["model_version"]
+    assert evaluate.main(["--replace-unloadable-champion"]) == 0
+    assert gate()["decision"] == "promoted"
+
+
+def test_a_rolled_back_version_stays_out_until_unblocked(
+    params: Params, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = publish(weak_model(), params)
+    assert evaluate.main([]) == 0
+    new = publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    name = new["model_name"]
+    assert registry.rollback(name) == (new["model_version"], old["model_version"])
+    capsys.readouterr()
+    assert evaluate.main([]) == 0  # the same candidate, evaluated again (CI, a retrain)
+    assert gate()["decision"] == "blocked"
+    assert f"nox -s unblock -- {new['model_version']}" in capsys.readouterr().out
+    assert registry.get_alias_version(name, registry.CHAMPION) == old["model_version"]
+    assert registry.get_alias_version(name, registry.CHALLENGER) is None
+    assert "rolled back" in registry.unblock(name, new["model_version"])
+    with pytest.raises(registry.RegistryError, match="is not blocked"):
+        registry.unblock(name, new["model_version"])
+    assert evaluate.main([]) == 0
+    assert gate()["decision"] == "promoted"
+    assert registry.get_alias_version(name, registry.CHAMPION) == new["model_version"]
 
 
 def test_no_better_than_baseline_fails_the_gate(

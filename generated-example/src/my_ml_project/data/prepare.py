@@ -10,6 +10,7 @@ load the splits through :func:`load_split` and :func:`load_train_data`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import warnings
@@ -35,7 +36,7 @@ from ..core.features import (
     vocabulary,
 )
 from ..core.fileio import atomic_write, atomic_write_text, file_md5
-from ..core.paths import PROCESSED_DIR, SCHEMA_FILE, SPLITS, module
+from ..core.paths import PROCESSED_DIR, ROW_KEYS_FILE, SCHEMA_FILE, SPLITS, module
 
 FIX_COLUMNS = "edit data.raw_path / data.target / data.features in params.yaml"
 FIX_KINDS = (
@@ -94,6 +95,50 @@ class Schema:
             raise DataError(f"{path} is not a valid schema ({exc!r}): {FIX_PREPARE}") from None
 
 
+def _canonical(column: pd.Series) -> pd.Series:
+    """A column's values as text that does not depend on the file's formatting or dtype: numbers
+    to 12 significant digits (1, 1.0 and 1e0 agree, and so do two parses of one decimal that
+    differ in the last bit), booleans as 0/1, text as is, gaps as NUL."""
+    if pd.api.types.is_bool_dtype(column):
+        out = column.map({True: "1", False: "0"})
+    elif pd.api.types.is_numeric_dtype(column):
+        out = column.astype("float64").map(lambda v: "\0" if v != v else format(v + 0.0, ".12g"))
+    else:
+        out = column.astype("string")
+    return out.astype(object).where(column.notna(), "\0")
+
+
+def _digest64(texts: Sequence[str], salt: bytes = b"") -> np.ndarray:
+    """blake2b of each text (salted), as unsigned 64-bit integers."""
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8, key=salt).digest(), "big")
+            for t in texts
+        ),
+        dtype=np.uint64,
+        count=len(texts),
+    )
+
+
+def row_keys(df: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """Each row's key: a hash of its values in ``columns`` (order-free: by name), unsalted, so
+    that a key means the same row whatever the split rule. Identical rows share a key."""
+    names = sorted(columns)
+    if not len(df):
+        return np.zeros(0, dtype=np.uint64)
+    parts = [name + "=" + _canonical(df[name]) for name in names]
+    texts = parts[0].str.cat(parts[1:], sep="\x1f") if len(parts) > 1 else parts[0]
+    return _digest64(texts.tolist())
+
+
+def hash_split(keys: np.ndarray, salt: str, val_size: float, test_size: float) -> np.ndarray:
+    """Each key's split (an array of "train" / "val" / "test"): a pure function of the key and
+    the salt, so appending rows never moves one."""
+    salted = _digest64([format(int(k), "016x") for k in keys], salt.encode()[:64])
+    u = salted.astype(np.float64) / 2.0**64
+    return np.where(u < test_size, "test", np.where(u < test_size + val_size, "val", "train"))
+
+
 @dataclass(frozen=True)
 class _Expect:
     """What params.yaml declares about the raw file; builds errors that repeat it."""
@@ -101,6 +146,7 @@ class _Expect:
     path: Path
     target: str
     features: str | list[str]
+    id_column: str | None = None
 
     def error(self, problem: str, fix: str = FIX_COLUMNS) -> DataError:
         if isinstance(self.features, str):
@@ -152,8 +198,22 @@ def _select_features(df: pd.DataFrame, exp: _Expect) -> list[str]:
             f"target column {exp.target!r} not found; columns in the file: "
             f"{_short_list(columns, 20)}{hint}"
         )
+    if exp.id_column is not None:
+        if exp.id_column not in columns:
+            raise exp.error(
+                f"split.id_column {exp.id_column!r} not found; columns in the file: "
+                f"{_short_list(columns, 20)}",
+                "set split.id_column to the column naming each row, or to null",
+            )
+        if exp.id_column == exp.target or (
+            isinstance(exp.features, list) and exp.id_column in exp.features
+        ):
+            raise exp.error(
+                f"split.id_column {exp.id_column!r} is also the target or a feature",
+                "an id names a row: leave it out of data.features and data.target",
+            )
     if exp.features == "all":
-        features = [c for c in columns if c != exp.target]
+        features = [c for c in columns if c not in (exp.target, exp.id_column)]
     elif isinstance(exp.features, list) and all(isinstance(f, str) for f in exp.features):
         features = list(exp.features)
     else:
@@ -207,11 +267,21 @@ def _typed(df: pd.DataFrame, kinds: dict[str, str], exp: _Expect) -> pd.DataFram
             f"feature columns without a single value: {', '.join(empty)}",
             "leave them out of data.features, or fill them in the file",
         )
-    return values.assign(**{exp.target: df[exp.target]})
+    values = values.assign(**{exp.target: df[exp.target]})
+    if exp.id_column is not None:
+        ids = df[exp.id_column].astype("string").str.strip()
+        if ids.isna().any() or (ids == "").any():
+            n = int((ids.isna() | (ids == "")).sum())
+            raise exp.error(
+                f"{n} rows have no value in split.id_column {exp.id_column!r}",
+                "give every row an id, or set split.id_column: null",
+            )
+        values = values.assign(**{exp.id_column: ids.astype(object)})
+    return values
 
 
 def _check_categories(df: pd.DataFrame, max_categories: int, exp: _Expect) -> None:
-    kinds = kinds_of(df.drop(columns=exp.target))
+    kinds = kinds_of(df.drop(columns=[exp.target, *filter(None, [exp.id_column])]))
     counts = {name: df[name].nunique() for name, kind in kinds.items() if kind == CATEGORICAL}
     many = [f"{name} ({n})" for name, n in counts.items() if n > max_categories]
     if many:
@@ -258,10 +328,11 @@ def read_raw(
     missing: str = "error",
     categorical: str | list[str] = "auto",
     max_categories: int = 100,
+    id_column: str | None = None,
 ) -> pd.DataFrame:
     """Load the raw CSV and validate it: the feature columns in order, each in its kind's type
-    (float64, nullable boolean, text), then the target as text."""
-    exp = _Expect(Path(path), target, features)
+    (float64, nullable boolean, text), then the target as text (then ``id_column``, as text)."""
+    exp = _Expect(Path(path), target, features, id_column)
     df = _read_csv(exp)
     cols = _select_features(df, exp)
     df = _typed(df, _decide_kinds(df, cols, categorical, exp), exp)
@@ -319,24 +390,58 @@ def split_frame(
     return train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True)
 
 
+def _split(
+    df: pd.DataFrame, split: SplitParams, target: str, seed: int, exp: _Expect
+) -> tuple[dict[str, pd.DataFrame], dict[str, np.ndarray]]:
+    """The splits and each split's row keys (``split.method``)."""
+    id_columns = [split.id_column] if split.id_column else []
+    features = [c for c in df.columns if c not in (target, *id_columns)]
+    keys = row_keys(df, id_columns or features)
+    if split.method == "random":
+        if split.stratify:
+            _check_class_sizes(df, split.val_size, split.test_size, exp)
+        keyed = df.assign(__key__=keys)
+        frames = split_frame(keyed, target, split.val_size, split.test_size, seed, split.stratify)
+        parts = dict(zip(SPLITS, frames, strict=True))
+    else:
+        where = hash_split(keys, split.salt, split.val_size, split.test_size)
+        parts = {
+            name: df.assign(__key__=keys)[where == name].reset_index(drop=True) for name in SPLITS
+        }
+        _check_hash_split(parts, df[target], split, exp)
+    part_keys = {name: part.pop("__key__").to_numpy(np.uint64) for name, part in parts.items()}
+    parts = {name: part.drop(columns=id_columns) for name, part in parts.items()}
+    return parts, part_keys
+
+
+def _check_hash_split(
+    parts: dict[str, pd.DataFrame], labels: pd.Series, split: SplitParams, exp: _Expect
+) -> None:
+    """Every split holds every class: else too few rows for these fractions."""
+    classes = sorted(labels.unique())
+    for name, part in parts.items():
+        absent = sorted(set(classes) - set(part[exp.target]))
+        if absent:
+            raise exp.error(
+                f"the {name} split has no row of class {_short_list(absent)} "
+                f"({len(part)} of {len(labels)} rows; split.method: hash)",
+                "add rows of that class, raise split.val_size / test_size, or use "
+                "split.method: random with stratify: true",
+            )
+
+
 def prepare(params: Params) -> Schema:
-    """Validate the raw CSV, split it, write the parquet splits and schema.json."""
+    """Validate the raw CSV, split it, write the parquet splits, the row keys and schema.json."""
     data: DataParams = params.data
     split: SplitParams = params.split
     raw_path, target, out_dir = Path(data.raw_path), data.target, PROCESSED_DIR
     df = read_raw(
-        raw_path, target, data.features, data.missing, data.categorical, data.max_categories
-    )
-    if split.stratify:
-        expect = _Expect(raw_path, target, data.features)
-        _check_class_sizes(df, split.val_size, split.test_size, expect)
-    parts = dict(
-        zip(
-            SPLITS,
-            split_frame(df, target, split.val_size, split.test_size, params.seed, split.stratify),
-            strict=True,
-        )
-    )
+        raw_path, target, data.features, data.missing, data.categorical, data.max_categories,
+        split.id_column,
+    )  # fmt: skip
+    expect = _Expect(raw_path, target, data.features, split.id_column)
+    parts, keys = _split(df, split, target, params.seed, expect)
+    df = df.drop(columns=[split.id_column] if split.id_column else [])
     kinds = kinds_of(df.drop(columns=target))
     schema = Schema(
         features=list(kinds),
@@ -349,6 +454,7 @@ def prepare(params: Params) -> Schema:
     )
     for name, part in parts.items():
         atomic_write(out_dir / f"{name}.parquet", partial(part.to_parquet, index=False))
+    write_row_keys(out_dir / ROW_KEYS_FILE, keys)
     rows = {name: len(part) for name, part in parts.items()}
     schema.save(
         out_dir / SCHEMA_FILE,
@@ -356,6 +462,7 @@ def prepare(params: Params) -> Schema:
         class_counts={str(k): int(v) for k, v in df[target].value_counts().sort_index().items()},
         raw={"path": raw_path.as_posix(), "md5": file_md5(raw_path), "rows_used": len(df)},
         seed=params.seed,
+        split={"method": split.method, "salt": split.salt, "id_column": split.id_column},
     )
     counted = {kind: list(kinds.values()).count(kind) for kind in KINDS}
     print(
@@ -365,6 +472,27 @@ def prepare(params: Params) -> Schema:
         f"  -> {out_dir}: " + ", ".join(f"{k} {v}" for k, v in rows.items())
     )
     return schema
+
+
+def write_row_keys(path: Path, keys: dict[str, np.ndarray]) -> None:
+    """Each split's row keys, in the split's row order: ``split``, ``key`` columns."""
+    frame = pd.DataFrame(
+        {
+            "split": np.concatenate([np.full(len(k), name) for name, k in keys.items()]),
+            "key": np.concatenate(list(keys.values())).astype(np.uint64),
+        }
+    )
+    atomic_write(path, partial(frame.to_parquet, index=False))
+
+
+def load_row_keys(name: str, processed_dir: str | Path = PROCESSED_DIR) -> np.ndarray:
+    """The row keys of one prepared split, in its row order (DataError when absent)."""
+    path = Path(processed_dir) / ROW_KEYS_FILE
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} cannot be read ({exc}): {FIX_PREPARE}") from None
+    return frame.loc[frame["split"] == name, "key"].to_numpy(np.uint64)
 
 
 def load_frame(name: str, processed_dir: str | Path = PROCESSED_DIR) -> tuple[pd.DataFrame, Schema]:
@@ -424,6 +552,8 @@ class TrainData:
     schema: Schema
     md5: dict[str, str]
     example: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # The keys of the train and val rows: what the model sees, recorded with its run.
+    seen_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
 
 
 def load_train_data(processed_dir: str | Path = PROCESSED_DIR) -> TrainData:
@@ -443,7 +573,8 @@ def load_train_data(processed_dir: str | Path = PROCESSED_DIR) -> TrainData:
     rows = val[schema.features]
     complete = rows.dropna()
     example = (complete if len(complete) >= 2 else rows).head(5).reset_index(drop=True)
-    return TrainData(x_train, y_train, x_val, y_val, schema, md5, example)
+    seen = np.concatenate([load_row_keys("train", folder), load_row_keys("val", folder)])
+    return TrainData(x_train, y_train, x_val, y_val, schema, md5, example, seen)
 
 
 @cli_errors

@@ -1,21 +1,26 @@
 """DVC stage ``evaluate``: test metrics, plots, and the promotion gate of the registered model.
 
-Run it as ``python -m <package>.evaluate [--replace-unloadable-champion]`` from the project root,
-after ``train``. Reads the ``evaluate``, ``mlflow`` sections of params.yaml, ``models/run.json``
-and the prepared splits.
+Run it as ``python -m <package>.evaluation.evaluate [--replace-unloadable-champion]`` from the
+project root, after ``train``. Reads the ``evaluate``, ``mlflow`` sections of params.yaml,
+``models/run.json``, the prepared splits and their row keys.
 
 The gate, in order:
 1. quality: the model must beat the majority-class baseline on ``evaluate.metric`` and reach
    ``evaluate.min_score`` (when > 0); else ``GATE FAILED``, exit code 3. The version is tagged,
    never given an alias.
-2. promotion, under the registry's promotion lock: the ``champion`` is scored on the same test
-   split, its features taken by name; the candidate becomes champion only if its score >=
-   champion's + ``promotion_margin``, else it gets the alias ``challenger`` (``NOT PROMOTED``,
-   exit code 0: a valid experiment that is not better must not break ``dvc repro``).
-3. fail closed: when the champion cannot be loaded or scored (artefacts gone, store down, other
-   features or classes), nothing moves: ``GATE UNDECIDED``, exit code 4. Replacing such a
-   champion on purpose takes ``--replace-unloadable-champion`` (or the environment variable
-   ``REPLACE_UNLOADABLE_CHAMPION=1``, which reaches the stage through ``dvc repro``).
+2. promotion, under the registry's promotion lock: a version that was rolled back is blocked
+   (``NOT PROMOTED (blocked)``, exit code 0, until ``nox -s unblock -- VERSION``). Otherwise
+   champion and candidate are scored on the holdout: the test rows that neither trained on
+   (each run records the keys of its train and val rows), the champion reading its features by
+   name. The candidate becomes champion only if its score > champion's + ``promotion_margin``
+   (> 0: a tie never promotes), else it gets the alias ``challenger`` (``NOT PROMOTED``, exit
+   code 0: a valid experiment that is not better must not break ``dvc repro``).
+3. fail closed: when the champion cannot be judged (artefacts gone, store down, other features
+   or classes, no record of its training rows, fewer than ``evaluate.min_holdout`` holdout
+   rows), nothing moves: ``GATE UNDECIDED``, exit code 4, the cause and its own fix in one line.
+   Replacing an unusable champion on purpose takes ``--replace-unloadable-champion`` (or the
+   environment variable ``REPLACE_UNLOADABLE_CHAMPION=1``, which reaches the stage through
+   ``dvc repro``).
 Outputs: metrics/evaluate.json, metrics/gate.json, plots/confusion.csv, plots/curve.csv; the test
 metrics are logged to the training run (``test_*``) and the version is tagged with the decision.
 """
@@ -27,7 +32,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +53,7 @@ from ..core.paths import (
     RUN_FILE,
     module,
 )
-from ..data.prepare import DataError, Schema, load_frame, load_split, to_arrays
+from ..data.prepare import DataError, Schema, load_frame, load_row_keys, load_split, to_arrays
 from ..model.network import TabularClassifier, load_model
 from ..registry import store as registry
 
@@ -61,6 +66,7 @@ FIX_TRAIN = (
 LABELS = {
     "promoted": "PROMOTED",
     "not_promoted": "NOT PROMOTED",
+    "blocked": "NOT PROMOTED (blocked)",
     "failed": "GATE FAILED",
     "undecided": "GATE UNDECIDED",
 }
@@ -86,7 +92,7 @@ class ChampionUnusableError(Exception):
 class Decision:
     """What the gate decided; written to metrics/gate.json."""
 
-    decision: str  # promoted | not_promoted | failed | undecided
+    decision: str  # promoted | not_promoted | blocked | failed | undecided
     reason: str
     metric: str
     model_name: str
@@ -97,15 +103,29 @@ class Decision:
     margin: float
     champion_version: str | None = None
     champion_score: float | None = None
+    # The comparison with a champion: on the test rows neither model trained on (the holdout).
+    min_holdout: int = 0
+    holdout_rows: int | None = None
+    excluded_rows: int | None = None  # test rows a model trained on, left out of the holdout
+    candidate_holdout_score: float | None = None
+    fix: str = ""  # an undecided gate's own fix
 
 
 @dataclass
 class TestSplit:
-    """The test split as a frame of raw columns (models read it by name) and its labels."""
+    """The test split as a frame of raw columns (models read it by name), its labels, its row
+    keys, and the candidate's class probabilities on it."""
 
     frame: pd.DataFrame
     y: np.ndarray
     schema: Schema
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    proba: np.ndarray | None = None
+
+    def subset(self, mask: np.ndarray) -> TestSplit:
+        proba = None if self.proba is None else self.proba[mask]
+        frame = self.frame[mask].reset_index(drop=True)
+        return TestSplit(frame, self.y[mask], self.schema, self.keys[mask], proba)
 
 
 def predict_proba(model: TabularClassifier, frame: pd.DataFrame) -> np.ndarray:
@@ -216,7 +236,12 @@ def read_run_info(path: Path = RUN_FILE) -> dict[str, Any]:
 def load_test_split(processed_dir: str | Path = PROCESSED_DIR) -> TestSplit:
     frame, schema = load_frame("test", processed_dir)
     _, y = to_arrays(frame, schema)  # also checks that the split matches its schema
-    return TestSplit(frame, y, schema)
+    keys = load_row_keys("test", processed_dir)
+    if len(keys) != len(frame):
+        raise DataError(
+            f"{PROCESSED_DIR}: the row keys do not match the test split: re-run prepare"
+        )
+    return TestSplit(frame, y, schema, keys)
 
 
 def _fmt(value: float) -> str:
@@ -276,37 +301,97 @@ def champion_score(name: str, version: str, test: TestSplit, metric: str) -> flo
     return score(metric, compute_metrics(y, proba), "champion")
 
 
-def compare(d: Decision, test: TestSplit, replace_unloadable: bool) -> None:
-    """Decide against the current champion (promoted, not_promoted or undecided)."""
+FIX_UNUSABLE = (
+    "restore the champion's artefacts or the store, or replace it on purpose: "
+    "`nox -s evaluate -- --replace-unloadable-champion`"
+)
+
+
+def holdout(d: Decision, test: TestSplit, seen: np.ndarray) -> TestSplit | None:
+    """The test rows none of ``seen`` (the rows either model trained on); None, with the decision
+    made undecided, when fewer than ``evaluate.min_holdout`` are left."""
+    mask = ~np.isin(test.keys, seen)
+    d.holdout_rows, d.excluded_rows = int(mask.sum()), int((~mask).sum())
+    if d.holdout_rows < d.min_holdout:
+        d.decision = "undecided"
+        d.reason = (
+            f"only {d.holdout_rows} of {len(test.keys)} test rows are unseen by both champion "
+            f"v{d.champion_version} and candidate v{d.candidate_version} ({d.excluded_rows} were "
+            f"in their training data); evaluate.min_holdout is {d.min_holdout}"
+        )
+        d.fix = (
+            "add fresh labelled rows (they land in the test split by their hash), or lower "
+            "evaluate.min_holdout"
+        )
+        return None
+    return test.subset(mask)
+
+
+def compare(
+    d: Decision, test: TestSplit, replace_unloadable: bool, seen: np.ndarray | None = None
+) -> None:
+    """Decide against the current champion (promoted, not_promoted, blocked or undecided), both
+    scored on the holdout: the test rows neither trained on. ``seen``: the candidate's rows."""
     v, metric = f"v{d.candidate_version}", d.metric
     champion = registry.get_alias_version(d.model_name, registry.CHAMPION)
     d.champion_version, d.champion_score, d.decision = champion, None, "promoted"
-    if champion is None:
-        d.reason = f"candidate {v} {metric}={_fmt(d.candidate_score)}; there was no champion yet"
-        return
+    d.holdout_rows = d.excluded_rows = d.candidate_holdout_score = None
     if champion == d.candidate_version:
         d.champion_score = d.candidate_score
         d.reason = f"candidate {v} already is the champion ({metric}={_fmt(d.candidate_score)})"
         return
+    if block := registry.blocked(d.model_name, d.candidate_version):
+        d.decision = "blocked"
+        d.reason = (
+            f"candidate {v} is blocked from promotion ({block}); to allow it again: "
+            f"`nox -s unblock -- {d.candidate_version}`"
+        )
+        return
+    if champion is None:
+        d.reason = f"candidate {v} {metric}={_fmt(d.candidate_score)}; there was no champion yet"
+        return
     try:
-        d.champion_score = champion_score(d.model_name, champion, test, metric)
+        champion_seen = registry.seen_rows(d.model_name, champion)
+    except Exception as exc:  # the store failed: the champion cannot be judged
+        champion_seen, missing = None, f"its training rows cannot be read ({_one_line(exc)})"
+    else:
+        missing = "its run recorded no training rows (trained by an older release)"
+    if champion_seen is None:
+        if replace_unloadable:
+            d.reason = f"champion v{champion}: {missing}; replaced on purpose"
+        else:
+            d.decision = "undecided"
+            d.reason = f"champion v{champion} cannot be judged on rows it never saw: {missing}"
+            d.fix = FIX_UNUSABLE
+        return
+    rows = np.concatenate([champion_seen, seen if seen is not None else np.zeros(0, np.uint64)])
+    held = holdout(d, test, rows)
+    if held is None:
+        return
+    assert held.proba is not None, "evaluate() scores the candidate first"
+    d.candidate_holdout_score = score(metric, compute_metrics(held.y, held.proba), "model")
+    try:
+        d.champion_score = champion_score(d.model_name, champion, held, metric)
     except ChampionUnusableError as exc:
         if replace_unloadable:
             d.reason = f"{exc}; replaced on purpose (--replace-unloadable-champion)"
         else:
-            d.decision, d.reason = "undecided", str(exc)
+            d.decision, d.reason, d.fix = "undecided", str(exc), FIX_UNUSABLE
         return
     comparison = (
-        f"candidate {v} {metric}={_fmt(d.candidate_score)} "
+        f"on {d.holdout_rows} holdout rows (of {len(test.keys)} test rows; {d.excluded_rows} "
+        f"seen in training left out): candidate {v} {metric}={_fmt(d.candidate_holdout_score)} "
         f"{{}} champion v{champion} {metric}={_fmt(d.champion_score)} + margin {_fmt(d.margin)}"
     )
-    if d.candidate_score >= d.champion_score + d.margin:
-        d.reason = comparison.format(">=")
+    if d.candidate_holdout_score > d.champion_score + d.margin:
+        d.reason = comparison.format(">")
     else:
-        d.decision, d.reason = "not_promoted", comparison.format("<")
+        d.decision, d.reason = "not_promoted", comparison.format("<=")
 
 
-def promote(d: Decision, test: TestSplit, replace_unloadable: bool) -> str:
+def promote(
+    d: Decision, test: TestSplit, replace_unloadable: bool, seen: np.ndarray | None = None
+) -> str:
     """Compare and move the aliases under the promotion lock; return the summary line.
 
     Compare-and-set: the champion alias is read again right before it is moved, and the
@@ -314,12 +399,13 @@ def promote(d: Decision, test: TestSplit, replace_unloadable: bool) -> str:
     """
     with registry.promotion_lock(d.model_name):
         for _ in range(3):
-            compare(d, test, replace_unloadable)
+            compare(d, test, replace_unloadable, seen)
             if d.decision == "undecided":
                 return _undecided(d)
             if registry.get_alias_version(d.model_name, registry.CHAMPION) == d.champion_version:
                 return apply_decision(d)
         d.decision, d.reason = "undecided", "the champion alias kept moving during evaluation"
+        d.fix = "run `nox -s evaluate` again once nobody else moves the alias"
         return _undecided(d)
 
 
@@ -327,8 +413,7 @@ def _undecided(d: Decision) -> str:
     kept = f"champion v{d.champion_version} unchanged" if d.champion_version else "no alias moved"
     return (
         f"GATE UNDECIDED: {d.reason}; candidate v{d.candidate_version} not promoted, {kept}. "
-        "Fix: restore the champion's artefacts or the store, or replace it on purpose with "
-        "`nox -s evaluate -- --replace-unloadable-champion`"
+        f"Fix: {d.fix or FIX_UNUSABLE}"
     )
 
 
@@ -342,6 +427,8 @@ def apply_decision(d: Decision) -> str:
         before = d.champion_version
         was = f" (was v{before})" if before not in (None, version) else ""
         after = f"'{name}' v{version} is the champion{was}."
+    elif d.decision == "blocked":  # no alias either: a rolled-back model is not shadow-scored
+        after = f"'{name}' v{d.champion_version} stays champion."
     else:  # not_promoted: a valid model that lost the comparison
         registry.set_alias(name, registry.CHALLENGER, version)
         after = f"'{name}' v{d.champion_version} stays champion; v{version} is the challenger."
@@ -379,6 +466,7 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
             "re-run training (`dvc repro`)"
         )
     proba = predict_proba(model, test.frame)
+    test.proba = proba
     metrics = compute_metrics(test.y, proba)
     baseline = baseline_metrics(test.y, class_priors(len(test.schema.classes), test.y))
     candidate_score = score(cfg.metric, metrics, "model")
@@ -396,6 +484,7 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
         baseline_score=baseline[cfg.metric],
         min_score=cfg.min_score,
         margin=cfg.promotion_margin,
+        min_holdout=cfg.min_holdout,
     )
     uri = registry.tracking_uri(params.mlflow)
     try:
@@ -406,6 +495,10 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
     except Exception as exc:  # the store is down or failed mid-way: nothing moves, say so
         d.decision = "undecided"
         d.reason = f"the MLflow store {registry.portable_uri(uri)} failed ({_one_line(exc)})"
+        d.fix = (
+            "check that the store answers (MLFLOW_TRACKING_URI, the server, its credentials), "
+            "then run `nox -s evaluate` again"
+        )
         summary = _undecided(d)
     atomic_write_text(GATE_FILE, json.dumps(asdict(d), indent=2) + "\n")
     if d.decision == "failed":
@@ -431,7 +524,9 @@ def _gate(
             "training; re-run `dvc repro --force train`"
         )
     registry.log_test_metrics(str(info["run_id"]), report)  # before any alias moves
-    summary = promote(d, test, replace_unloadable) if quality_gate(d) else failed_summary(d)
+    seen = np.concatenate([load_row_keys("train"), load_row_keys("val")])
+    passed = quality_gate(d)
+    summary = promote(d, test, replace_unloadable, seen) if passed else failed_summary(d)
     tags = {"gate": d.decision, "gate_metric": d.metric, "gate_reason": d.reason}
     try:
         registry.tag_decision(str(info["run_id"]), d.model_name, d.candidate_version, tags)

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import layout
 from ..core.config import MlflowParams, ProjectError, cli_errors, load_params
-from ..core.paths import ARTIFACT_DIR, PACKAGE, module
+from ..core.paths import ARTIFACT_DIR, PACKAGE, SEEN_ROWS_ARTIFACT, module
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
     from mlflow.models.model import ModelInfo
 
@@ -47,6 +48,8 @@ MODEL_ARTIFACT = "model"
 _SQLITE = "sqlite:///"
 LOCK_SUFFIX = ".promotion-lock"
 HISTORY_TAG = "champion.history"
+# A version's tag that keeps it from promotion (set by rollback; `unblock` removes it).
+BLOCKED_TAG = "promotion.blocked"
 HISTORY_MAX = 100  # versions kept (a tag value holds at most 5000 characters)
 # How long an evaluation waits for another one's promotion (seconds), and the age after which a
 # lock is taken for the leftover of a killed evaluation (then the gate stops and says how to
@@ -60,6 +63,12 @@ _RUNTIME_DISTRIBUTIONS = ("torch", "numpy", "pandas", "cloudpickle", "pyyaml")
 
 class RegistryError(ProjectError):
     """The tracking store cannot be reached or refused an operation."""
+
+
+class LockBusyError(RegistryError):
+    """Another evaluation holds the promotion lock, alive or too old to tell (exit code 5)."""
+
+    exit_code = 5
 
 
 def tracking_uri(params: MlflowParams | None = None) -> str:
@@ -412,6 +421,32 @@ def load_version(model_name: str, version: str) -> TabularClassifier:
         return load_model(path)
 
 
+def seen_rows(model_name: str, version: str) -> np.ndarray | None:
+    """The keys of the rows a registered version trained on (its run's ``seen_rows.parquet``);
+    None when its run recorded none (trained by an older release of the template)."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+    from mlflow.exceptions import MlflowException
+
+    run_id = mlflow.MlflowClient().get_model_version(model_name, str(version)).run_id
+    if not run_id:
+        return None
+    with (
+        _quiet("mlflow.store.artifact"),
+        _environ(**{MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name: "false"}),
+        tempfile.TemporaryDirectory(prefix="mlflow-rows-") as tmp,
+    ):
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=SEEN_ROWS_ARTIFACT, dst_path=tmp
+            )
+        except (MlflowException, OSError):
+            return None
+        return pd.read_parquet(path)["key"].to_numpy(np.uint64)
+
+
 def version_details(model_name: str, version: str) -> dict[str, Any]:
     """A version's run id, tags (git commit, data hashes) and test metrics (``accuracy``, ...,
     as the evaluate stage logged them), for whoever ships it."""
@@ -499,9 +534,16 @@ def promotion_lock(
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         held = _lock_holder(client, lock)
+        if held is not None and _holder_gone(held[0]):
+            # Left by a killed evaluation on this machine: nobody will release it.
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+            print(f"note: took over the promotion lock of '{model_name}' left by {held[0]} "
+                  "(that process is gone)")  # fmt: skip
+            continue
         if held is not None and (held[1] > stale_s or time.monotonic() > deadline):
             holder, age = held
-            raise RegistryError(
+            raise LockBusyError(
                 f"the promotion lock of '{model_name}' is held by {holder} for {age:.0f} s; if "
                 f"no evaluation is running, remove it: python -m {module('registry.store')} unlock"
             )
@@ -511,6 +553,21 @@ def promotion_lock(
     finally:
         with contextlib.suppress(MlflowException):
             client.delete_registered_model(lock)
+
+
+def _holder_gone(owner: str) -> bool:
+    """Whether ``host:pid`` names a process of this machine that no longer runs (a holder on
+    another machine cannot be checked: only its age can tell)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _lock_holder(client: Any, lock: str) -> tuple[str, float] | None:
@@ -594,10 +651,32 @@ def rollback(model_name: str) -> tuple[str, str]:
         set_alias(model_name, CHAMPION, target)
         if get_alias_version(model_name, CHALLENGER) == target:
             delete_alias(model_name, CHALLENGER)
-        set_version_tags(
-            model_name, current, {"rolled_back": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        )
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        reason = f"rolled back from champion to v{target} at {when}"
+        set_version_tags(model_name, current, {"rolled_back": when, BLOCKED_TAG: reason})
     return current, target
+
+
+def blocked(model_name: str, version: str) -> str | None:
+    """Why ``version`` may not be promoted (a rollback blocks it), or None."""
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_model_version(model_name, str(version)).tags.get(BLOCKED_TAG)
+
+
+def unblock(model_name: str, version: str) -> str:
+    """Let a rolled-back version be promoted again; the block's reason (RegistryError if none)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        reason = blocked(model_name, version)
+    except MlflowException as exc:
+        raise RegistryError(f"'{model_name}' v{version}: {_first_line(exc)}") from None
+    if reason is None:
+        raise RegistryError(f"'{model_name}' v{version} is not blocked: nothing to unblock")
+    MlflowClient().delete_model_version_tag(model_name, str(version), BLOCKED_TAG)
+    return reason
 
 
 def _first_line(exc: BaseException) -> str:
@@ -624,11 +703,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="registry", description=__doc__.splitlines()[0])
     parser.add_argument(
         "command",
-        choices=["init", "uri", "unlock", "rollback"],
+        choices=["init", "uri", "unlock", "rollback", "unblock"],
         help="init: create the store; uri: print it; unlock: remove a leftover promotion lock; "
-        "rollback: champion back to the previous champion",
+        "rollback: champion back to the previous champion (the version left is blocked from "
+        "promotion); unblock VERSION: let a rolled-back version be promoted again",
     )
+    parser.add_argument("version", nargs="?", help="unblock: the version")
     args = parser.parse_args(argv)
+    if (args.command == "unblock") != (args.version is not None):
+        parser.error("a VERSION goes with unblock, and only with it")
     params = load_params().mlflow
     uri = tracking_uri(params)
     if args.command == "init":
@@ -637,6 +720,11 @@ def main(argv: list[str] | None = None) -> int:
         configure(params)
         removed = unlock(params.model_name)
         print(f"promotion lock of '{params.model_name}' {'removed' if removed else 'not held'}")
+        return 0
+    elif args.command == "unblock":
+        configure(params)
+        reason = unblock(params.model_name, args.version)
+        print(f"UNBLOCKED: '{params.model_name}' v{args.version} may be promoted again ({reason})")
         return 0
     elif args.command == "rollback":
         configure(params)

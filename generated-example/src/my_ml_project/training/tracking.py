@@ -15,14 +15,17 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 import torch
 
 from ..core.config import Params
 from ..core.fileio import atomic_write_text
-from ..core.paths import HISTORY_FILE, MODEL_FILE, RUN_FILE, TRAIN_METRICS
+from ..core.paths import HISTORY_FILE, MODEL_FILE, RUN_FILE, SEEN_ROWS_ARTIFACT, TRAIN_METRICS
 from ..data.prepare import TrainData
 from ..model.network import save_model
 
@@ -152,7 +155,10 @@ def publish(
     model = result.model.to("cpu").eval()
     save_model(model, MODEL_FILE)
     metrics = write_outputs(result, ctx)
-    registry.log_run_outputs(tracker.run_id, metrics, HISTORY_FILE)
+    with tempfile.TemporaryDirectory(prefix="seen-rows-") as tmp:
+        seen = Path(tmp) / SEEN_ROWS_ARTIFACT
+        pd.DataFrame({"key": data.seen_keys}).to_parquet(seen, index=False)
+        registry.log_run_outputs(tracker.run_id, metrics, HISTORY_FILE, seen)
     name = params.mlflow.model_name
     version = registry.version_of_run(name, tracker.run_id)
     if version is None:

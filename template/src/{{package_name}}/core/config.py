@@ -105,9 +105,17 @@ class DataParams(Section):
 
 
 class SplitParams(Section):
+    # hash: a row's split is a pure function of the row and the salt (stable as rows are
+    # appended); random: a seeded shuffle of the whole file (moves rows whenever the file changes).
+    method: Literal["hash", "random"] = "hash"
+    # Fixed when the project is created; changing it re-splits every row (a new holdout).
+    salt: Text = "mlops"
+    # A column naming each row (kept out of the features): its value alone decides the split, so
+    # a corrected row keeps its place. null: the row's feature values decide.
+    id_column: Text | None = None
     val_size: Fraction
     test_size: Fraction
-    stratify: StrictBool = True
+    stratify: StrictBool = True  # method: random only (hash keeps class shares in expectation)
 
     @model_validator(mode="after")
     def _room_for_training(self) -> SplitParams:
@@ -143,7 +151,10 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     metric: Literal["accuracy", "f1", "roc_auc"] = "f1"
     min_score: Unit = 0.0
-    promotion_margin: Unit = 0.0
+    # The challenger must beat the champion by more than this: a tie never promotes.
+    promotion_margin: Annotated[Number, Field(gt=0, le=1)] = 0.001
+    # Fewer test rows that neither model trained on than this: the gate cannot judge (undecided).
+    min_holdout: Annotated[StrictInt, Field(ge=1)] = 30
 
 
 class ServeParams(Section):

@@ -19,6 +19,11 @@ PARAMS_FILE = Path("params.yaml")
 # prepare: the split, typed data and the schema every later stage reads.
 PROCESSED_DIR = Path("data/processed")
 SCHEMA_FILE = "schema.json"  # inside PROCESSED_DIR
+# Inside PROCESSED_DIR: each row's key (a hash of its id or feature values) and split. A model's
+# run records the keys it trained on, so the gate can hold out rows no model has seen.
+ROW_KEYS_FILE = "row_keys.parquet"
+# An artefact of each training run: the keys of the rows it trained on (train and val splits).
+SEEN_ROWS_ARTIFACT = "seen_rows.parquet"
 SPLITS = ("train", "val", "test")
 
 # train: the model artefact (the one file every consumer loads), its run record, its metrics.
