@@ -266,7 +266,7 @@ def test_jenkinsfile_keeps_the_rules(rendered: dict[str, Path], name: str) -> No
         "junit testResults:",
         "credentials('mlflow-tracking-uri')",
         "input {",
-        "sh '$NOX -s rollback'",
+        "sh '$NOX -s ci-rollback'",
         "build/sbom/*.cdx.json",
         f"defaultValue: '{answers(name)['gpu_runner_label']}'",
     ):
@@ -282,3 +282,101 @@ def test_renovate_config_matches_the_schema(rendered: dict[str, Path]) -> None:
     files = [p / "renovate.json" for p in rendered.values() if (p / "renovate.json").exists()]
     result = lint(tool("check-jsonschema"), "--builtin-schema", "vendor.renovate", *files)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- The Jenkinsfile's structure: its blocks, read by matching braces (groovy-lint, above, has
+# checked the syntax). Strings in this file hold balanced braces only (`${...}`).
+
+
+def _block(text: str, opening: int) -> str:
+    """The text between the brace at ``opening`` and its match."""
+    depth = 0
+    for index in range(opening, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[opening + 1 : index]
+    raise AssertionError(f"unbalanced braces from offset {opening}")
+
+
+def _directive(body: str, name: str) -> str | None:
+    """The body of ``name { ... }`` at the top level of ``body`` (not in a nested block)."""
+    depth = 0
+    for index, char in enumerate(body):
+        word_start = index == 0 or not (body[index - 1].isalnum() or body[index - 1] == "_")
+        if depth == 0 and word_start and re.match(rf"{name}\s*\{{", body[index:]):
+            return _block(body, body.index("{", index))
+        depth += {"{": 1, "}": -1}.get(char, 0)
+    return None
+
+
+def jenkins_stages(text: str) -> dict[str, str]:
+    """Every stage('Name') of the Jenkinsfile (nested ones included) and its body."""
+    return {
+        match.group(1): _block(text, match.end() - 1)
+        for match in re.finditer(r"stage\('([^']+)'\)\s*\{", text)
+    }
+
+
+@pytest.mark.parametrize("name", uses("jenkins"))
+def test_jenkins_input_waits_only_in_builds_that_run_its_stage(
+    rendered: dict[str, Path], name: str
+) -> None:
+    """Declarative Jenkins asks for an `input` before it evaluates `when`, unless the `when`
+    says `beforeInput true`: without it every build would stop at the question."""
+    text = (rendered[name] / "Jenkinsfile").read_text()
+    asking = {n: body for n, body in jenkins_stages(text).items() if _directive(body, "input")}
+    assert set(asking) == {"Deploy", "Rollback"}
+    assert len(re.findall(r"\binput\s*\{", text)) == len(asking)  # no input elsewhere
+    for stage, body in asking.items():
+        when = _directive(body, "when")
+        assert when is not None, stage
+        assert re.search(r"^\s*beforeInput true$", when, re.MULTILINE), (stage, when)
+
+
+@pytest.mark.parametrize("name", uses("jenkins"))
+def test_jenkins_crons_fire_on_main_only(rendered: dict[str, Path], name: str) -> None:
+    text = (rendered[name] / "Jenkinsfile").read_text()
+    pipeline = _directive(text, "pipeline")
+    assert pipeline is not None
+    triggers = _directive(pipeline, "triggers")
+    assert triggers is not None
+    code = re.sub(r"//[^\n]*", "", triggers).strip()
+    match = re.fullmatch(
+        r"parameterizedCron\(env\.BRANCH_NAME == 'main' \? '\'\'(.*?)'\'\' : ''\)", code, re.S
+    )
+    assert match, code
+    lines = [line.split() for line in match.group(1).strip().splitlines()]
+    pipelines = {line[-1] for line in lines}
+    assert pipelines == {"%PIPELINE=monitor", "%PIPELINE=train", "%PIPELINE=audit"}
+    assert all(len(line) == 6 for line in lines), lines  # five cron fields and the parameter
+
+
+@pytest.mark.parametrize("name", uses("jenkins"))
+def test_jenkins_agents_get_what_their_stages_call(rendered: dict[str, Path], name: str) -> None:
+    """Stages in the uv image find uvx there; a stage on a labelled agent installs uv first
+    (the pinned version, into this agent's workspace) and calls nox through it."""
+    text = (rendered[name] / "Jenkinsfile").read_text()
+    top = _directive(_directive(text, "pipeline") or "", "agent")
+    assert top is not None
+    assert re.search(r"image 'ghcr\.io/astral-sh/uv:[\d.]+-python", top)
+    environment = _directive(_directive(text, "pipeline") or "", "environment") or ""
+    uv_version = re.search(r"UV_VERSION = '([\d.]+)'", environment)
+    assert uv_version
+    assert f"uv:{uv_version.group(1)}-python" in top  # one uv version everywhere
+    labelled = {}
+    for stage, body in jenkins_stages(text).items():
+        agent = _directive(body, "agent")
+        if agent is not None and "label" in agent:
+            labelled[stage] = body
+    assert set(labelled) == {"Train", "Deploy"}
+    for stage, body in labelled.items():
+        env = _directive(body, "environment") or ""
+        tools = '"${env.WORKSPACE}@tmp/tools/bin/uvx --from nox=='
+        assert re.search(rf"NOX = {re.escape(tools)}[\d.]+ nox\"", env), (stage, env)
+        for variable in ("UV_CACHE_DIR", "HOME"):  # this agent's workspace, not the first's
+            assert f'{variable} = "${{env.WORKSPACE}}@tmp/' in env, (stage, variable)
+        steps = _directive(body, "steps") or ""
+        install = steps.index('python3 -m venv "$WORKSPACE@tmp/tools"')
+        assert '"$WORKSPACE@tmp/tools/bin/pip" install' in steps
+        assert '"uv==$UV_VERSION"' in steps
+        assert install < steps.index("$NOX"), stage  # installed before it is called
