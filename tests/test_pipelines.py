@@ -484,3 +484,119 @@ def test_jenkins_agents_get_what_their_stages_call(rendered: dict[str, Path], na
         assert '"$WORKSPACE@tmp/tools/bin/pip" install' in steps
         assert '"uv==$UV_VERSION"' in steps
         assert install < steps.index("$NOX"), stage  # installed before it is called
+
+
+# --- OIDC: the job's token becomes the DVC remote's cloud identity (noxfile.py), no key ------
+
+
+def _noxfile(project: Path, name: str) -> Any:
+    """The rendered noxfile, imported without registering its sessions."""
+    import importlib.util
+
+    import nox
+
+    def unregistered(*args: Any, **kwargs: Any) -> Any:
+        return args[0] if args and callable(args[0]) else (lambda func: func)
+
+    spec = importlib.util.spec_from_file_location(name, project / "noxfile.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nox, "session", unregistered)
+        spec.loader.exec_module(module)
+    return module
+
+
+IDENTITY = {  # the variables a project sets (README, "OIDC"), and what the SDK is handed
+    "s3": ({"AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/ct"}, "AWS_WEB_IDENTITY_TOKEN_FILE"),
+    "gs": (
+        {
+            "GCP_WORKLOAD_IDENTITY_PROVIDER": "projects/1/locations/global/"
+            "workloadIdentityPools/ci/providers/gitlab",
+            "GCP_SERVICE_ACCOUNT": "dvc@project.iam.gserviceaccount.com",
+        },
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    ),
+    "azure": (
+        {"AZURE_CLIENT_ID": "00000000-0000-0000-0000-000000000001"},
+        "AZURE_FEDERATED_TOKEN_FILE",
+    ),
+}
+OIDC_VARIABLES = ("CI_OIDC_TOKEN", "ACTIONS_ID_TOKEN_REQUEST_URL", "ACTIONS_ID_TOKEN_REQUEST_TOKEN")
+
+
+@pytest.mark.parametrize("name", ["github", "gitlab", "jenkins"])  # s3, gs, azure remotes
+def test_gitlab_oidc_token_becomes_the_cloud_identity_without_a_key(
+    rendered: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    noxfile = _noxfile(rendered[name], f"noxfile_oidc_{name}")
+    kind = noxfile.REMOTE_KIND
+    variables, handed = IDENTITY[kind]
+    for variable in (*OIDC_VARIABLES, *(v for given, _ in IDENTITY.values() for v in given)):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("CI_OIDC_TOKEN", "header.payload.signature")
+    assert noxfile._cloud_identity() == {}  # no identity configured: nothing asked, nothing written
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR read again
+    identity = noxfile._cloud_identity()
+    assert set(identity) == {handed}
+    path = Path(identity[handed])
+    assert path.is_relative_to(tmp_path)  # outside the project
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    if kind == "gs":
+        config = json.loads(path.read_text())
+        assert config["type"] == "external_account"  # a configuration, not a key
+        assert "private_key" not in config
+        assert (
+            config["audience"]
+            == f"//iam.googleapis.com/{variables['GCP_WORKLOAD_IDENTITY_PROVIDER']}"
+        )
+        assert variables["GCP_SERVICE_ACCOUNT"] in config["service_account_impersonation_url"]
+        path = Path(config["credential_source"]["file"])
+    assert path.read_text() == "header.payload.signature"
+
+
+def test_github_oidc_token_is_asked_from_the_runner_for_the_clouds_audience(
+    rendered: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """GitHub hands a token to whoever asks its runner's URL with the job's request token."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from urllib.parse import parse_qs, urlparse
+
+    asked: list[tuple[dict[str, list[str]], str | None]] = []
+
+    class Runner(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append((parse_qs(urlparse(self.path).query), self.headers["Authorization"]))
+            body = json.dumps({"value": "github.jwt.token"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Runner)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        noxfile = _noxfile(rendered["github"], "noxfile_oidc_github_runner")  # s3 remote
+        for variable in OIDC_VARIABLES:
+            monkeypatch.delenv(variable, raising=False)
+        url = f"http://127.0.0.1:{server.server_port}/token?api-version=2.0"
+        monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", url)
+        monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-token")
+        monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/ct")
+        identity = noxfile._cloud_identity()
+    finally:
+        server.shutdown()
+    assert asked == [
+        ({"api-version": ["2.0"], "audience": ["sts.amazonaws.com"]}, "bearer request-token")
+    ]
+    assert Path(identity["AWS_WEB_IDENTITY_TOKEN_FILE"]).read_text() == "github.jwt.token"
