@@ -5,7 +5,8 @@ no prediction log): its data pushed once to a local folder remote (the README's 
 its git remote a bare repository, a real ``mlflow server`` as the tracking URI. Then:
 
 - GitLab: gitlab-ci-local (shell executor) runs the train job as a `train` schedule does, then
-  the monitor and retrain jobs as a `monitor` schedule does;
+  the monitor and retrain jobs as a `monitor` schedule does (no traffic yet; then labelled,
+  drifted traffic, which it retrains on);
 - GitHub: a small harness runs the `run:` steps of the Train and Monitor workflows' jobs in
   order, in bash, with each job's `env:` (its `${{ }}` expressions evaluated);
 
@@ -30,7 +31,7 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e import MODEL_NAME, Project
+from e2e import MODEL_NAME, PACKAGE, Project
 from e2e import mlflow_server as start_mlflow_server
 from helpers import EXAMPLE, render, system_tool
 
@@ -105,6 +106,29 @@ def assert_no_data_yet(project: Project, output: str) -> None:
     assert "monitoring status: no_data; retraining not due" in output
 
 
+# Served traffic, labelled and shifted, as the service's prediction log holds it: the test split's
+# rows moved as `nox -s simulate -- --drift 2` moves them, written by the log's own writer.
+DRIFTED_TRAFFIC = f"""
+import sys
+import numpy as np
+from {PACKAGE}.data import load_frame
+from {PACKAGE}.predlog import PredictionLog
+from {PACKAGE}.simulate import draw, shift
+test, schema = load_frame("test")
+train, _ = load_frame("train")
+rng = np.random.default_rng(7)
+rows = shift(draw(test, 200, rng), train, schema, 2.0, rng)
+log = PredictionLog(sys.argv[1])
+for start in range(0, len(rows), 20):
+    chunk, request = rows.iloc[start : start + 20], f"request-{{start}}"
+    labels = [str(value) for value in chunk[schema.target]]
+    answers = [{{"label": label, "probabilities": {{}}}} for label in labels]
+    log.record(request, "1", chunk[schema.features].to_dict("records"), answers)
+    log.feedback(request, labels)
+log.close()
+"""
+
+
 # --- GitLab, under gitlab-ci-local ----------------------------------------------------------
 
 
@@ -145,7 +169,7 @@ def gitlab_clone(clone: Clone) -> Clone:
     return clone
 
 
-def test_gitlab_first_train_then_monitor_are_green(
+def test_gitlab_first_train_then_monitor_are_green_and_drift_retrains(
     gitlab_clone: Clone, npm_bin: Path, tracking: str
 ) -> None:
     code, output = gitlab_ci_local(
@@ -171,6 +195,40 @@ def test_gitlab_first_train_then_monitor_are_green(
     assert_no_data_yet(project, output)
     assert "retraining not due: nothing to do" in output
     assert project.registry(tracking)["versions"] == [1]  # nothing trained again
+
+    # Served, labelled, drifted traffic: the monitor pipeline retrains on it, and the gate
+    # decides; a promotion is committed back with the new data version.
+    log = project.path.parent / "predictions"
+    project.py("-c", DRIFTED_TRAFFIC, str(log))
+    head = gitlab_clone.committed("rev-parse", "main").strip()
+    code, output = gitlab_ci_local(
+        gitlab_clone,
+        npm_bin,
+        "monitor",
+        "monitor",
+        "retrain",
+        MLFLOW_TRACKING_URI=tracking,
+        PREDICTION_LOG_DIR=str(log),
+    )
+    assert code == 0, output[-5000:]
+    status = project.json("reports/monitoring/latest/result.json")["status"]
+    assert status in ("drift", "degraded"), status
+    assert "added 200 labelled production rows" in output
+    assert project.registry(tracking)["versions"] == [1, 2]
+    gate = project.json("metrics/gate.json")
+    dotenv = dict(
+        line.split("=", 1)
+        for line in (project.path / "reports" / "training.env").read_text().split()
+    )
+    if gate["decision"] == "promoted":
+        assert dotenv == {"promoted": "true", "model_version": "2"}
+        assert gitlab_clone.committed("rev-parse", "main~1").strip() == head
+        changed = gitlab_clone.committed("show", "--name-only", "--format=", "main").split()
+        assert {"dvc.lock", "data/raw/breast_cancer.csv.dvc", "data/retrain.json"} <= set(changed)
+    else:
+        assert gate["decision"] == "not_promoted", gate
+        assert dotenv == {"promoted": "false", "model_version": "2"}
+        assert gitlab_clone.committed("rev-parse", "main").strip() == head
 
 
 def test_gitlab_train_without_tracking_uri_fails_in_one_line(
