@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -334,6 +335,319 @@ def _write_or_print(session: nox.Session, posargs: list[str], text: str) -> None
         return
     with Path(posargs[0]).open("a", encoding="utf-8") as out:
         out.write(text)
+
+
+# --- Continuous training and delivery in CI: what the train, monitor and deploy jobs run. They
+# hold on a project's very first run (no dvc.lock, no traffic yet, no champion) and fail closed,
+# in one line, where a run would otherwise look green and leave nothing behind.
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+EXIT_NOT_CONFIGURED = 2  # a CI job without the tracking server or push token it needs
+GATE = ROOT / "metrics" / "gate.json"
+# What a promoted training commits back: the pipeline's lock, and the git-tracked outputs
+# (metrics, plots, the run's record, the schema) and data versions (`*.dvc`, retrain.json).
+COMMITTED_BACK = ("dvc.lock", "metrics", "plots", "models", "data")
+BOT = ("-c", "user.name=ct-bot", "-c", "user.email=ct-bot@users.noreply.invalid")
+
+
+def _fail_closed(message: str) -> None:
+    """One line on stderr and exit code 2 (EXIT_NOT_CONFIGURED): CI shows the line as the cause."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_NOT_CONFIGURED)
+
+
+def _require_tracking_server() -> None:
+    """A CI job must record to a tracking server: a SQLite file on a runner vanishes with it,
+    and so would the champion it "promoted" (deploy would fail later, and misleadingly)."""
+    uri = os.environ.get(TRACKING_ENV, "").strip()
+    if not uri:
+        _fail_closed(
+            f"{TRACKING_ENV} is not set: set it to the MLflow tracking server "
+            '(a CI/CD variable or secret; README, "Pipelines")'
+        )
+    if uri.startswith("sqlite:"):
+        _fail_closed(
+            f"{TRACKING_ENV} is a SQLite file, which vanishes with the CI runner: "
+            "set it to the MLflow tracking server"
+        )
+
+
+# The DVC remote's cloud identity through OIDC: the CI job's short-lived token (GitLab: the
+# `id_tokens` variable CI_OIDC_TOKEN; GitHub: asked from the runner, `id-token: write`) becomes
+# what the cloud's SDK reads. No long-lived key anywhere: the token and the configuration that
+# points at it are written to a private temporary folder, outside the project.
+REMOTE_KIND = "local"
+OIDC_AUDIENCE = {"s3": "sts.amazonaws.com", "azure": "api://AzureADTokenExchange"}
+GCP_PROVIDER = "GCP_WORKLOAD_IDENTITY_PROVIDER"
+
+
+def _oidc_token(audience: str) -> str | None:
+    """The job's OIDC token for ``audience`` (None outside a CI job that may have one)."""
+    if token := os.environ.get("CI_OIDC_TOKEN"):
+        return token
+    url = os.environ.get("ACTIONS_ID_TOKEN_REQUEST_URL")
+    bearer = os.environ.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN")
+    if not (url and bearer):
+        return None
+    import urllib.parse
+    import urllib.request
+
+    asked = f"{url}&audience={urllib.parse.quote(audience, safe='')}"
+    request = urllib.request.Request(asked, headers={"Authorization": f"bearer {bearer}"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)["value"]
+
+
+def _cloud_identity() -> dict[str, str]:
+    """The environment that makes the DVC remote's SDK use the job's OIDC token ({}: none)."""
+    provider = os.environ.get(GCP_PROVIDER, "")
+    if REMOTE_KIND == "gs" and provider:
+        audience = f"https://iam.googleapis.com/{provider}"
+    elif REMOTE_KIND in OIDC_AUDIENCE and os.environ.get(
+        {"s3": "AWS_ROLE_ARN", "azure": "AZURE_CLIENT_ID"}[REMOTE_KIND]
+    ):
+        audience = OIDC_AUDIENCE[REMOTE_KIND]
+    else:
+        return {}  # a local remote, or the identity comes from elsewhere (runner, credentials)
+    token = _oidc_token(audience)
+    if token is None:
+        return {}
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="oidc-"))  # 0700
+    token_file = folder / "token"
+    token_file.write_text(token, encoding="utf-8")
+    if REMOTE_KIND == "s3":  # with AWS_ROLE_ARN: boto3 assumes the role
+        return {"AWS_WEB_IDENTITY_TOKEN_FILE": str(token_file)}
+    if REMOTE_KIND == "azure":  # with AZURE_CLIENT_ID, AZURE_TENANT_ID: azure-identity
+        return {"AZURE_FEDERATED_TOKEN_FILE": str(token_file)}
+    account = os.environ.get("GCP_SERVICE_ACCOUNT", "")
+    config = {  # workload identity federation: a configuration, no key
+        "type": "external_account",
+        "audience": f"//iam.googleapis.com/{provider}",
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "token_url": "https://sts.googleapis.com/v1/token",
+        "credential_source": {"file": str(token_file)},
+        **({"service_account_impersonation_url": "https://iamcredentials.googleapis.com/v1/"
+            f"projects/-/serviceAccounts/{account}:generateAccessToken"} if account else {}),
+    }  # fmt: skip
+    (folder / "gcp.json").write_text(json.dumps(config), encoding="utf-8")
+    return {"GOOGLE_APPLICATION_CREDENTIALS": str(folder / "gcp.json")}
+
+
+@nox.session(name="ci-train", default=False)
+def ci_train(session: nox.Session) -> None:
+    """CI's training: pull, train (`-- --retrain`: first the new labelled traffic), gate, push.
+
+    `--when-due`: only if the latest monitoring report asks for it; `--force` re-runs every
+    stage; `--output FILE` appends promoted=..., model_version=... (step outputs, dotenv);
+    `--summary FILE` appends the metrics as Markdown. Exit code 2: MLFLOW_TRACKING_URI unset.
+    """
+    parser = argparse.ArgumentParser(prog="nox -s ci-train --")
+    parser.add_argument("--retrain", action="store_true", help="add labelled traffic first")
+    parser.add_argument("--when-due", action="store_true", help="only when monitoring asks")
+    parser.add_argument("--force", action="store_true", help="re-run every stage")
+    parser.add_argument("--output", help="append promoted=... and model_version=... here")
+    parser.add_argument("--summary", help="append the metrics as Markdown here")
+    args = parser.parse_args(session.posargs)
+    for path in (args.output, args.summary):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if args.when_due:
+        status = json.loads(MONITOR_RESULT.read_text(encoding="utf-8"))["status"]
+        if status not in RETRAIN_ON:
+            session.log(f"monitoring status: {status}; retraining not due: nothing to do")
+            if args.output:
+                _write_or_print(session, [args.output], "promoted=false\nmodel_version=\n")
+            return
+    _require_tracking_server()
+    env = {**project_env(session), **_cloud_identity()}
+    # A new project has no dvc.lock yet: the stage outputs it would list are not an error.
+    run(session, "dvc", "pull", "--allow-missing", env=env)
+    if args.retrain:
+        # The commit is commit-back's, with the lock and metrics, once the gate has promoted.
+        run(session, "python", "-m", f"{PACKAGE}.monitoring.retrain", "--no-commit", env=env)
+    before = GATE.read_bytes() if GATE.exists() else None
+    run(session, "dvc", "repro", *(["--force"] if args.force else []), env=env)
+    _show_metrics(session)
+    run(session, "dvc", "push", env=env)
+    decision = json.loads(GATE.read_text(encoding="utf-8"))
+    # The gate ran now (an up-to-date pipeline keeps the committed decision) and promoted.
+    promoted = GATE.read_bytes() != before and decision["decision"] == "promoted"
+    if args.summary:
+        session.notify("metrics", [args.summary])
+    if args.output:
+        version = decision.get("candidate_version", "")
+        text = f"promoted={str(promoted).lower()}\nmodel_version={version}\n"
+        _write_or_print(session, [args.output], text)
+
+
+def _push_url() -> str:
+    """Where commit-back pushes: CT_GIT_PUSH_URL, else this repository with CT_PUSH_TOKEN."""
+    if url := os.environ.get("CT_GIT_PUSH_URL", "").strip():
+        return url
+    token = os.environ.get("CT_PUSH_TOKEN", "").strip()
+    if not token:
+        _fail_closed(
+            "CT_PUSH_TOKEN is not set: a token that may push to the branch is needed to commit "
+            'the promoted model\'s dvc.lock back (README, "Pipelines")'
+        )
+    if server := os.environ.get("CI_SERVER_HOST"):  # GitLab
+        return f"https://ct-bot:{token}@{server}/{os.environ['CI_PROJECT_PATH']}.git"
+    if repository := os.environ.get("GITHUB_REPOSITORY"):
+        host = os.environ.get("GITHUB_SERVER_URL", "https://github.com").removeprefix("https://")
+        return f"https://x-access-token:{token}@{host}/{repository}.git"
+    if url := os.environ.get("GIT_URL", "").removeprefix("https://"):  # Jenkins
+        return f"https://ct-bot:{token}@{url}"
+    _fail_closed("no repository to push to: set CT_GIT_PUSH_URL")
+    raise AssertionError  # unreachable: _fail_closed exits
+
+
+@nox.session(name="commit-back", default=False)
+def commit_back(session: nox.Session) -> None:
+    """After a promotion: commit dvc.lock, metrics and data versions, push (`-- BRANCH`).
+
+    Nothing when the gate did not promote. The commit says `[skip ci]`: the pipeline that
+    pushed it starts the deployment itself. Exit code 2: no token to push with.
+    """
+    if not session.posargs:
+        session.error("usage: nox -s commit-back -- BRANCH")
+    branch = session.posargs[0]
+    if not GATE.exists():
+        session.log("no gate decision (no training ran): nothing to commit back")
+        return
+    decision = json.loads(GATE.read_text(encoding="utf-8"))
+    if decision["decision"] != "promoted":
+        session.log(f"gate: {decision['decision']}: nothing to commit back")
+        return
+    paths = [p for p in COMMITTED_BACK if (ROOT / p).exists()]
+    session.run("git", "add", "--all", "--", *paths, external=True)
+    staged = session.run("git", "diff", "--cached", "--name-only", external=True, silent=True)
+    if not staged.strip():
+        session.log("nothing changed in git: nothing to commit back")
+        return
+    url = _push_url()
+    version = decision.get("candidate_version", "?")
+    message = f"Training: model v{version} promoted (dvc.lock, metrics) [skip ci]"
+    session.run("git", *BOT, "commit", "--quiet", "-m", message, external=True)
+    # Not through session.run: its log line would show the URL, and the token in it.
+    session.log(f"git push <repository> HEAD:refs/heads/{branch}")
+    pushed = subprocess.run(["git", "push", "--quiet", url, f"HEAD:refs/heads/{branch}"],
+                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    if pushed.returncode:
+        said = pushed.stderr.replace(url, "<repository>").strip().splitlines()
+        session.error(f"push to {branch} refused: {said[-1] if said else pushed.returncode}")
+    session.log(f"committed back to {branch}: {message}")
+
+
+@nox.session(name="ci-monitor", default=False)
+def ci_monitor(session: nox.Session) -> None:
+    """CI's monitoring: the report and the retraining verdict; no traffic yet is neutral.
+
+    With no prediction log (a new project, nothing served yet) it writes the status `no_data`
+    and ends green, saying "no data yet"; else it pulls the reference (the train split) and
+    runs `monitor -- --no-fail`. Then `retrain-check` (its arguments: these).
+    """
+    env = project_env(session)
+    probe = (
+        f"from {PACKAGE}.serving.predlog import PREDICTIONS, log_folder; "
+        "f = log_folder(); "
+        "print(f if any(f.glob(f'date=*/{PREDICTIONS}-*.jsonl')) else '')"
+    )
+    folder = run(session, "python", "-c", probe, env=env, silent=True).strip()
+    if not folder:
+        reason = "no data yet: no prediction log (nothing served, or PREDICTION_LOG_DIR unset)"
+        MONITOR_RESULT.parent.mkdir(parents=True, exist_ok=True)
+        result = {"status": "no_data", "reasons": [reason]}
+        MONITOR_RESULT.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        session.log(f"monitoring: {reason}; neutral, nothing to judge")
+    else:
+        env = {**env, **_cloud_identity()}
+        run(session, "dvc", "pull", "--allow-missing", "prepare", env=env)
+        run(session, "python", "-m", f"{PACKAGE}.monitoring.monitor", "--no-fail", env=env)
+    session.notify("retrain-check", session.posargs)
+
+
+DEPLOYED = "deployed"  # the registry alias of the version whose image was shipped last
+
+
+def _registry(session: nox.Session, env: dict[str, str | None], code: str) -> str:
+    """Run ``code`` with ``registry`` configured and ``name`` the model's; return its output."""
+    preamble = (
+        f"from {PACKAGE}.registry import store as registry; "
+        f"from {PACKAGE}.core.config import load_params; "
+        "p = load_params().mlflow; registry.configure(p); name = p.model_name; "
+    )
+    return run(session, "python", "-c", preamble + code, env=env, silent=True)
+
+
+def _aliases(session: nox.Session, env: dict[str, str | None]) -> tuple[str | None, str | None]:
+    """The champion's and the deployed version's numbers (None: no such alias yet)."""
+    aliases = ("champion", DEPLOYED)
+    code = f"print(*(registry.get_alias_version(name, a) or '-' for a in {aliases!r}))"
+    out = _registry(session, env, code).split()[-2:]
+    champion, deployed = (None if v == "-" else v for v in out)
+    return champion, deployed
+
+
+def _set_deployed(session: nox.Session, env: dict[str, str | None], version: str) -> None:
+    _registry(session, env, f"registry.set_alias(name, '{DEPLOYED}', '{version}')")
+
+
+def _image_env(repository: str, version: str, digest: str = "") -> None:
+    """build/image.env: the image shipped (its model-version tag), for the release step."""
+    out = ROOT / "build" / "image.env"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"image={repository}", f"tag=model-v{version}", f"model_version={version}"]
+    out.write_text("\n".join([*lines, *([f"digest={digest}"] if digest else [])]) + "\n")
+
+
+@nox.session(name="ci-deploy", default=False)
+def ci_deploy(session: nox.Session) -> None:
+    """CI's delivery: when the champion changed, its image `IMAGE_REPOSITORY:model-v<N>`, pushed.
+
+    Nothing to do (exit 0, said in one line) when there is no champion yet or its image was
+    shipped already (the registry alias `deployed`); `-- --force` ships it again. Exit code 2:
+    MLFLOW_TRACKING_URI or IMAGE_REPOSITORY unset.
+    """
+    _require_tracking_server()
+    repository = os.environ.get("IMAGE_REPOSITORY", "").strip().lower()
+    if not repository:
+        _fail_closed("IMAGE_REPOSITORY is not set: the image's name in the container registry")
+    env = _serving_env(session)
+    champion, deployed = _aliases(session, env)
+    if champion is None:
+        session.log("deploy: no champion yet (train first): nothing to deploy")
+        return
+    if champion == deployed and "--force" not in session.posargs:
+        session.log(f"deploy: champion v{champion} is deployed already: nothing to do")
+        return
+    run(session, "python", "-m", f"{PACKAGE}.serving.deploy", "deploy", "--version", champion,
+        "--containerize", env=env)  # fmt: skip
+    # deploy.py pushed <repository>:<Bento version> and wrote its digest: add the model's tag.
+    built = dict(line.split("=", 1) for line in (ROOT / "build" / "image.env").read_text().split())
+    image = f"{repository}:model-v{champion}"
+    engine = next(e for e in ("docker", "podman") if shutil.which(e))
+    session.run(engine, "tag", f"{built['image']}@{built['digest']}", image, external=True)
+    session.run(engine, "push", image, external=True)
+    _image_env(repository, champion, built["digest"])
+    _set_deployed(session, env, champion)
+    session.log(f"deploy: {image} (was {f'v{deployed}' if deployed else 'none'})")
+
+
+@nox.session(name="ci-rollback", default=False)
+def ci_rollback(session: nox.Session) -> None:
+    """CI's rollback: the previous champion back, and its image (already built, never rebuilt)."""
+    _require_tracking_server()
+    repository = os.environ.get("IMAGE_REPOSITORY", "").strip().lower()
+    if not repository:
+        _fail_closed("IMAGE_REPOSITORY is not set: the image's name in the container registry")
+    env = _serving_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.registry.store", "rollback", env=env)
+    champion, _ = _aliases(session, env)
+    assert champion is not None  # rollback refuses when there is no previous champion
+    _image_env(repository, champion)
+    _set_deployed(session, env, champion)
+    session.log(f"rollback: {repository}:model-v{champion} is the image to run again")
 
 
 if __name__ == "__main__":
