@@ -24,9 +24,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "none"
@@ -114,8 +116,29 @@ def test(session: nox.Session) -> None:
 def train(session: nox.Session) -> None:
     """Run the DVC pipeline (prepare -> train -> evaluate); only changed stages re-run."""
     env = project_env(session)
-    run(session, "dvc", "repro", *session.posargs, env=env)
+    _repro(session, *session.posargs, env=env)
     _show_metrics(session)
+
+
+# Exit codes of the sessions that run the pipeline (README, "Exit codes"): the gate's own,
+# which `dvc repro` would report as 1 like any failed stage, and nox as 1 again.
+GATE_EXIT = {"failed": 3, "undecided": 4}
+
+
+def _repro(session: nox.Session, *args: str, env: dict[str, str | None]) -> None:
+    """`dvc repro ARGS`; when the gate stops the pipeline, exit with the gate's code (3 failed,
+    4 undecided) rather than 1, so that CI can tell "not good enough" from "cannot decide"."""
+    gate = ROOT / "metrics" / "gate.json"
+    started = time.time()
+    try:
+        run(session, "dvc", "repro", *args, env=env)
+    except CommandFailed:
+        if gate.exists() and gate.stat().st_mtime >= started:
+            decision = json.loads(gate.read_text(encoding="utf-8")).get("decision")
+            if decision in GATE_EXIT:
+                session.log(f"gate: {decision} (exit code {GATE_EXIT[decision]})")
+                raise SystemExit(GATE_EXIT[decision]) from None
+        raise
 
 
 def _show_metrics(session: nox.Session) -> None:
@@ -146,7 +169,7 @@ def evaluate(session: nox.Session) -> None:
         session.error(f"unknown arguments {unknown}: only --replace-unloadable-champion")
     if session.posargs:
         env = {**env, "REPLACE_UNLOADABLE_CHAMPION": "1"}  # reaches the stage through dvc
-    run(session, "dvc", "repro", "--force", "--single-item", "evaluate", env=env)
+    _repro(session, "--force", "--single-item", "evaluate", env=env)
 
 
 @nox.session(name="mlflow-ui", default=False)
@@ -189,7 +212,7 @@ def deploy(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def serve(session: nox.Session) -> None:
-    """Serve the latest Bento on 127.0.0.1:3000 (`-- --port P --host H`; `--reload`: the source)."""
+    """Serve the champion's Bento on 127.0.0.1:3000 (`-- --port P --host H`; `--bento TAG`)."""
     env = _serving_env(session)
     run(session, "python", "-m", f"{PACKAGE}.serving.deploy", "serve", *session.posargs, env=env)
 
@@ -243,7 +266,7 @@ def retrain(session: nox.Session) -> None:
     run(session, "python", "-m", f"{PACKAGE}.monitoring.retrain", *session.posargs, env=env)
     if "--dry-run" in session.posargs or (state.read_bytes() if state.exists() else None) == before:
         return  # nothing added: the pipeline is not rerun
-    run(session, "dvc", "repro", env=env)
+    _repro(session, env=env)
     _show_metrics(session)
 
 
@@ -254,6 +277,16 @@ def rollback(session: nox.Session) -> None:
     run(session, "python", "-m", f"{PACKAGE}.registry.store", "rollback", env=env)
     run(session, "python", "-m", f"{PACKAGE}.serving.deploy", "deploy", env=env)
     session.log("restart the service (`nox -s serve`) to serve the rolled-back model")
+
+
+@nox.session(default=False)
+def exp(session: nox.Session) -> None:
+    """A DVC experiment in the project environment: -- [`dvc exp run` options], e.g.
+    `-S train.lr=0.01`. Its model is registered and tagged with the experiment's name; it never
+    moves champion (apply, commit and `nox -s evaluate` for that)."""
+    env = project_env(session)
+    run(session, "dvc", "exp", "run", *session.posargs, env=env)
+    _show_metrics(session)
 
 
 @nox.session(default=False)
@@ -467,7 +500,7 @@ def ci_train(session: nox.Session) -> None:
         # The commit is commit-back's, with the lock and metrics, once the gate has promoted.
         run(session, "python", "-m", f"{PACKAGE}.monitoring.retrain", "--no-commit", env=env)
     before = GATE.read_bytes() if GATE.exists() else None
-    run(session, "dvc", "repro", *(["--force"] if args.force else []), env=env)
+    _repro(session, *(["--force"] if args.force else []), env=env)
     _show_metrics(session)
     run(session, "dvc", "push", env=env)
     decision = json.loads(GATE.read_text(encoding="utf-8"))

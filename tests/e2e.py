@@ -109,11 +109,22 @@ class Project:
         return Project(dst, self.venv)
 
     def set_params(self, **sections: dict) -> None:
+        """Edit params.yaml and commit it, as a user does: the gate promotes only from a
+        committed workspace."""
         path = self.path / "params.yaml"
         params = yaml.safe_load(path.read_text())
         for section, values in sections.items():
             params[section].update(values)
         path.write_text(yaml.safe_dump(params, sort_keys=False))
+        self.commit("params.yaml", message=f"params: {', '.join(sections)}")
+
+    def commit(self, *paths: str, message: str) -> None:
+        """Commit ``paths`` (nothing outside a git repository)."""
+        if not (self.path / ".git").exists():
+            return
+        identity = ["-c", "user.name=Test", "-c", "user.email=test@example.com"]
+        self.run("git", "add", "--", *paths)
+        self.run("git", *identity, "commit", "-q", "--allow-empty", "-m", message, "--", *paths)
 
     def json(self, rel: str) -> dict:
         return json.loads((self.path / rel).read_text())

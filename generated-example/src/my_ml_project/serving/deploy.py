@@ -206,7 +206,11 @@ def build_bento(model: Any, shadow: Any = None) -> Any:
         return bentoml.bentos.build(
             SERVICE,
             name=MODEL_NAME,
-            labels={"source": source, **{k: v for k, v in models.items() if v}},
+            labels={
+                "source": source,
+                "model_version": str(model.info.metadata["registry_version"]),
+                **{k: v for k, v in models.items() if v},
+            },
             build_ctx=str(SRC),
             include=_included(deployment),
             python={"requirements_txt": requirements.name, "lock_packages": False},
@@ -367,17 +371,51 @@ def push_image(engine: str, image: str) -> None:
     print(f"pushed: {repository}@{digest}")
 
 
-def serve(host: str, port: int, reload: bool) -> None:
-    """Replace this process with ``bentoml serve`` (signals reach it directly: no orphans)."""
+def champion_bento(name: str) -> str:
+    """The newest Bento that serves the registry's current champion: what `serve` runs, so a
+    rollback or a promotion reaches the service at its next start, never "the latest built"."""
     import bentoml
 
+    from ..registry import store as registry
+
+    registry.configure(load_params().mlflow)
+    try:
+        champion = registry.get_alias_version(name, registry.CHAMPION)
+    except Exception as exc:  # the store is down: serving some other model would be a guess
+        raise DeployError(
+            f"the registry cannot say which version is champion ({type(exc).__name__}): check "
+            "MLFLOW_TRACKING_URI, or serve a given Bento with `nox -s serve -- --bento TAG`"
+        ) from None
+    if champion is None:
+        raise DeployError(f"'{name}' has no champion yet: train first (`nox -s train`)")
+    bentos = sorted(_listed(bentoml.bentos.list), key=lambda b: b.info.creation_time, reverse=True)
+    for bento in bentos:
+        if _served_version(bento) == champion:
+            return str(bento.tag)
+    raise DeployError(f"no Bento of champion v{champion} yet: run `nox -s deploy` first")
+
+
+def _served_version(bento: Any) -> str | None:
+    """The registry version a Bento serves (its label; else its model's metadata)."""
+    import bentoml
+
+    if version := bento.info.labels.get("model_version"):
+        return str(version)
+    try:
+        model = bentoml.models.get(bento.info.labels["model"])
+    except (KeyError, bentoml.exceptions.NotFound):
+        return None
+    return str(model.info.metadata.get("registry_version"))
+
+
+def serve(host: str, port: int, reload: bool, bento: str | None = None) -> None:
+    """Replace this process with ``bentoml serve`` (signals reach it directly: no orphans)."""
     if reload:
         target = [SERVICE, "--working-dir", str(SRC), "--reload"]
     else:
-        try:
-            target = [str(bentoml.get(f"{MODEL_NAME}:latest").tag)]
-        except bentoml.exceptions.NotFound:
-            raise DeployError("no Bento built yet: run `nox -s deploy` first") from None
+        tag = bento or champion_bento(load_params().mlflow.model_name)
+        print(f"serving {tag}")
+        target = [tag]
     # Resolved here: bentoml serve runs the service from the Bento's folder.
     os.environ[PREDICTION_LOG_ENV] = str(log_folder().resolve())
     command = ["bentoml", "serve", *target, "--host", host, "--port", str(port)]
@@ -393,13 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--version", help="registry version (default: the alias)")
     which.add_argument("--alias", default="champion", help="registry alias (default: champion)")
     ship.add_argument("--containerize", action="store_true", help="also build the image")
-    run = sub.add_parser("serve", help="serve the latest Bento in the foreground")
+    run = sub.add_parser("serve", help="serve the champion's Bento in the foreground")
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=3000)
     run.add_argument("--reload", action="store_true", help="serve the source tree, reload on edits")
+    run.add_argument("--bento", help="serve this Bento tag instead of the champion's")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.host, args.port, args.reload)
+        serve(args.host, args.port, args.reload, args.bento)
         return 0
     selector = {"version": args.version} if args.version else {"alias": args.alias}
     params = load_params()

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,8 @@ def run_tags(data: TrainData, ctx: DistContext, amp: str) -> dict[str, str]:
     if ctx.device.type == "cuda":
         env["env.gpu"] = torch.cuda.get_device_name(ctx.device)
         env["env.cuda"] = str(torch.version.cuda)
+    if experiment := os.environ.get("DVC_EXP_NAME"):  # `dvc exp run`: never promoted
+        env["dvc.experiment"] = experiment
     return {**data_tags(data), **git_info(), **env}
 
 

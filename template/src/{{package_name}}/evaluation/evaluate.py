@@ -32,6 +32,7 @@ import csv
 import io
 import json
 import os
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ LABELS = {
     "promoted": "PROMOTED",
     "not_promoted": "NOT PROMOTED",
     "blocked": "NOT PROMOTED (blocked)",
+    "experiment": "NOT PROMOTED (experiment)",
+    "uncommitted": "NOT PROMOTED (uncommitted workspace)",
     "failed": "GATE FAILED",
     "undecided": "GATE UNDECIDED",
 }
@@ -92,7 +95,9 @@ class ChampionUnusableError(Exception):
 class Decision:
     """What the gate decided; written to metrics/gate.json."""
 
-    decision: str  # promoted | not_promoted | blocked | failed | undecided
+    decision: (
+        str  # promoted | not_promoted | blocked | experiment | uncommitted | failed | undecided
+    )
     reason: str
     metric: str
     model_name: str
@@ -448,6 +453,72 @@ def failed_summary(d: Decision) -> str:
     return f"GATE FAILED: {d.reason}. {after}"
 
 
+# Inputs whose uncommitted changes make a run an experiment (data comes through DVC and retrain).
+CODE_AND_CONFIG = ("src", "params.yaml", "dvc.yaml", "pyproject.toml", "uv.lock")
+UNCOMMITTED_ENV = "PROMOTE_UNCOMMITTED"
+
+
+def uncommitted() -> list[str] | None:
+    """The code and configuration files that differ from git's HEAD (None outside git)."""
+    try:
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", *CODE_AND_CONFIG],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sorted({line[3:].strip() for line in status.splitlines() if line.strip()})
+
+
+def _held_back(d: Decision) -> str | None:
+    """Why this run may not move an alias, whatever its scores: a DVC experiment, or a workspace
+    with uncommitted code or configuration (None: it may). Such a model stays registered."""
+    name, v = d.model_name, f"v{d.candidate_version}"
+    if experiment := os.environ.get("DVC_EXP_NAME"):
+        d.decision = "experiment"
+        d.reason = (
+            f"candidate {v} {d.metric}={_fmt(d.candidate_score)} comes from DVC experiment "
+            f"'{experiment}': experiments never move champion; to promote it, `dvc exp apply "
+            f"{experiment}`, commit, and run `nox -s evaluate`"
+        )
+        registry.set_version_tags(name, d.candidate_version, {"experiment": experiment})
+        return f"{LABELS[d.decision]}: {d.reason}."
+    changed = uncommitted()
+    if changed and os.environ.get(UNCOMMITTED_ENV, "").strip().lower() not in ("1", "true", "yes"):
+        d.decision = "uncommitted"
+        d.reason = (
+            f"candidate {v} {d.metric}={_fmt(d.candidate_score)} was made from uncommitted "
+            f"changes ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}): only a "
+            "committed workspace may promote; commit them and run `nox -s evaluate` (or set "
+            f"{UNCOMMITTED_ENV}=1 to promote from this workspace on purpose)"
+        )
+        return f"{LABELS[d.decision]}: {d.reason}."
+    return None
+
+
+def _tag(d: Decision, info: dict[str, Any], extra: dict[str, str]) -> None:
+    tags = {"gate": d.decision, "gate_metric": d.metric, "gate_reason": d.reason, **extra}
+    registry.tag_decision(str(info["run_id"]), d.model_name, d.candidate_version, tags)
+
+
+def committed_champion() -> tuple[str, str] | None:
+    """(model name, version) of the champion the committed gate decision names (git's HEAD);
+    None outside git, or before any commit of one."""
+    try:
+        shown = subprocess.run(
+            ["git", "show", f"HEAD:{GATE_FILE.as_posix()}"],
+            capture_output=True, text=True, timeout=20, check=True,
+        )  # fmt: skip
+        gate = json.loads(shown.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    if not isinstance(gate, dict) or not gate.get("model_name"):
+        return None
+    version = gate.get("candidate_version") if gate.get("decision") == "promoted" else None
+    version = version or gate.get("champion_version")
+    return (str(gate["model_name"]), str(version)) if version else None
+
+
 def read_replace_env() -> bool:
     return os.environ.get(REPLACE_ENV, "").strip().lower() in ("1", "true", "yes")
 
@@ -517,13 +588,41 @@ def _gate(
     replace_unloadable: bool,
     uri: str,
 ) -> str:
+    where = registry.portable_uri(uri)
     if not registry.version_exists(d.model_name, d.candidate_version):
-        raise ProjectError(
-            f"model '{d.model_name}' version {d.candidate_version} (from {RUN_FILE}) is not "
-            f"in the MLflow store {registry.portable_uri(uri)}: the store changed since "
-            "training; re-run `dvc repro --force train`"
+        d.decision = "undecided"
+        d.reason = (
+            f"model '{d.model_name}' v{d.candidate_version} (from {RUN_FILE}) is not in the "
+            f"MLflow store {where}: the store is another one than training used (a fresh clone "
+            "has no mlflow.db)"
         )
+        d.fix = (
+            "point MLFLOW_TRACKING_URI at the registry the model was trained into, or restore "
+            "that store; to train into this one instead: `dvc repro --force train`"
+        )
+        return _undecided(d)
+    committed = committed_champion()
+    if (
+        committed is not None
+        and committed[0] == d.model_name
+        and not registry.version_exists(*committed)
+    ):
+        d.decision = "undecided"
+        d.reason = (
+            f"the committed {GATE_FILE} names champion v{committed[1]} of '{d.model_name}', "
+            f"which the MLflow store {where} lacks: promoting here would start a registry "
+            "nobody else sees"
+        )
+        d.fix = (
+            "point MLFLOW_TRACKING_URI at the project's registry, or restore its mlflow.db; to "
+            f"start a new registry on purpose, `git rm {GATE_FILE}` and commit"
+        )
+        return _undecided(d)
     registry.log_test_metrics(str(info["run_id"]), report)  # before any alias moves
+    held_back = _held_back(d)
+    if held_back is not None:
+        _tag(d, info, {"gate_held_back": held_back})
+        return held_back
     seen = np.concatenate([load_row_keys("train"), load_row_keys("val")])
     passed = quality_gate(d)
     summary = promote(d, test, replace_unloadable, seen) if passed else failed_summary(d)

@@ -102,6 +102,10 @@ def init_store(uri: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # The first query creates the schema and runs the migrations.
     MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    print(
+        f"note: created a new, empty MLflow store at {portable_uri(uri)}: a SQLite store is one "
+        "machine's registry; a team or CI shares a tracking server (README, 'The registry')"
+    )
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
