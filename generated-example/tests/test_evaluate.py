@@ -10,6 +10,7 @@ import csv
 import json
 import shutil
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -527,3 +528,59 @@ def test_unreachable_store_promotes_nothing(
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
     assert gate()["decision"] == "undecided"
+
+
+def _commit_all() -> None:
+    """The project folder as a git repository with everything committed."""
+    identity = ["-c", "user.name=Test", "-c", "user.email=test@example.com"]
+    for args in (["init", "-q"], ["add", "-A"], [*identity, "commit", "-qm", "work"]):
+        subprocess.run(["git", *args], check=True, capture_output=True)
+
+
+def test_uncommitted_code_or_config_never_promotes(
+    params: Params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = publish(good_model(), params)
+    _commit_all()
+    with Path("params.yaml").open("a") as fh:
+        fh.write("# tried something\n")
+    assert evaluate.main([]) == 0  # a valid model: the pipeline goes on
+    decision = gate()
+    assert decision["decision"] == "uncommitted"
+    assert "params.yaml" in decision["reason"]
+    name = info["model_name"]
+    assert registry.get_alias_version(name, registry.CHAMPION) is None
+    monkeypatch.setenv(evaluate.UNCOMMITTED_ENV, "1")  # on purpose
+    assert evaluate.main([]) == 0
+    assert gate()["decision"] == "promoted"
+
+
+def test_a_dvc_experiment_never_promotes(
+    params: Params, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = publish(good_model(), params)
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-lr")  # what `dvc exp run` sets for its stages
+    assert evaluate.main([]) == 0
+    assert "experiments never move champion" in capsys.readouterr().out
+    name, version = info["model_name"], info["model_version"]
+    assert gate()["decision"] == "experiment"
+    assert version_tags(name, version)["experiment"] == "lucky-lr"
+    assert registry.get_alias_version(name, registry.CHAMPION) is None
+
+
+def test_a_store_without_the_committed_champion_is_undecided(
+    params: Params, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fresh clone (or CI) pointed at a new, empty store must not start a second registry."""
+    name = params.mlflow.model_name
+    paths.GATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    committed = {"decision": "promoted", "model_name": name, "candidate_version": "7"}
+    paths.GATE_FILE.write_text(json.dumps(committed))
+    publish(good_model(), params)
+    _commit_all()
+    capsys.readouterr()
+    assert evaluate.main([]) == evaluate.GATE_UNDECIDED_EXIT
+    err = capsys.readouterr().err
+    assert f"names champion v7 of '{name}'" in err
+    assert "Fix: point MLFLOW_TRACKING_URI at the project's registry" in err
+    assert registry.get_alias_version(name, registry.CHAMPION) is None

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -205,6 +210,74 @@ def test_promotion_lock_admits_one_holder(tracking: str, capsys: pytest.CaptureF
             pass
     with registry.promotion_lock("locked-model", wait_s=0.5):  # released: free again
         pass
+
+
+def _dead_pid() -> int:
+    """A process id that no process has: a child that already exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_a_live_one_is_exit_5(
+    tracking: str, capsys: pytest.CaptureFixture
+) -> None:
+    registry.configure(load_params().mlflow)
+    owner = f"{socket.gethostname()}:{_dead_pid()}"
+    lock = "orphan-lock" + registry.LOCK_SUFFIX
+    mlflow.MlflowClient().create_registered_model(lock, tags={"owner": owner, "since": "0"})
+    with registry.promotion_lock("orphan-lock", wait_s=5):
+        pass
+    assert f"took over the promotion lock of 'orphan-lock' left by {owner}" in (
+        capsys.readouterr().out
+    )
+    alive = f"{socket.gethostname()}:{os.getpid()}"
+    client = mlflow.MlflowClient()
+    client.create_registered_model(lock, tags={"owner": alive, "since": f"{time.time()}"})
+    with (
+        pytest.raises(registry.LockBusyError, match=f"held by {alive}") as busy,
+        registry.promotion_lock("orphan-lock", wait_s=0.5),
+    ):
+        pass
+    assert busy.value.exit_code == 5
+    client.delete_registered_model(lock)
+
+
+def test_a_run_left_running_by_a_killed_training_is_marked_failed(
+    tracking: str, capsys: pytest.CaptureFixture
+) -> None:
+    params = load_params().mlflow
+    registry.configure(params)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(params.experiment).experiment_id
+    dead = f"{socket.gethostname()}:{_dead_pid()}"
+    orphan = client.create_run(experiment, tags={registry.PROCESS_TAG: dead}).info.run_id
+    elsewhere = client.create_run(experiment, tags={registry.PROCESS_TAG: "other-host:1"})
+    run_id, _, _ = registry.open_run(None, {}, {}, params.experiment)
+    registry.end_run("FINISHED")
+    assert client.get_run(orphan).info.status == "FAILED"
+    assert f"MLflow run {orphan} was left RUNNING by {dead}" in capsys.readouterr().out
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # cannot tell: kept
+    assert client.get_run(run_id).data.tags[registry.PROCESS_TAG].endswith(f":{os.getpid()}")
+
+
+def test_an_unreachable_server_is_given_up_on_in_seconds(
+    project_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("TIMEOUT", "MAX_RETRIES", "BACKOFF_FACTOR"):
+        # Set, then removed: the test's end restores the variable's state, whatever configure sets.
+        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", "unset")
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    params = load_params().mlflow
+    with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+        registry.configure(params)
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == str(params.request_timeout)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == str(params.request_retries)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's setting wins
+    with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+        registry.configure(params)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
 
 
 def test_unlock_removes_a_leftover_lock(

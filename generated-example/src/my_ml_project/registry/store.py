@@ -50,6 +50,8 @@ LOCK_SUFFIX = ".promotion-lock"
 HISTORY_TAG = "champion.history"
 # A version's tag that keeps it from promotion (set by rollback; `unblock` removes it).
 BLOCKED_TAG = "promotion.blocked"
+# A run's tag: host:pid of the process that runs it (a RUNNING run whose process is gone failed).
+PROCESS_TAG = "process"
 HISTORY_MAX = 100  # versions kept (a tag value holds at most 5000 characters)
 # How long an evaluation waits for another one's promotion (seconds), and the age after which a
 # lock is taken for the leftover of a killed evaluation (then the gate stops and says how to
@@ -135,6 +137,10 @@ def configure(params: MlflowParams) -> str:
 
     uri = tracking_uri(params)
     name = params.experiment
+    # Fail fast and closed on an unreachable server: ~30 s at most with the defaults.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(params.request_timeout))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(params.request_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     init_store(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -270,12 +276,14 @@ def _quiet(*names: str) -> Iterator[None]:
 
 
 def open_run(
-    run_id: str | None, params: dict[str, str], tags: dict[str, str]
+    run_id: str | None, params: dict[str, str], tags: dict[str, str], experiment: str
 ) -> tuple[str, str, set[int]]:
-    """Start a run, or reopen ``run_id``; return its id, experiment id and the epochs it has."""
+    """Start a run in ``experiment``, or reopen ``run_id``; return its id, experiment id and the
+    epochs it has. Runs a killed training left RUNNING are marked FAILED first."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    fail_orphaned_runs(experiment, keep=run_id)
     run = None
     if run_id:
         try:
@@ -290,8 +298,32 @@ def open_run(
     else:
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
         logged = {int(m.step) for m in history}
-    mlflow.set_tags(tags)  # again on resume: the device or the commit may have changed
+    # Again on resume: the device, the commit and the process may have changed.
+    mlflow.set_tags({**tags, PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"})
     return run.info.run_id, run.info.experiment_id, logged
+
+
+def fail_orphaned_runs(experiment_name: str, keep: str | None = None) -> list[str]:
+    """Mark FAILED the runs of the experiment left RUNNING by a process of this machine that is
+    gone (a killed training); ``keep``: a run about to be resumed. Their ids."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    client = mlflow.MlflowClient()
+    orphans = []
+    running = client.search_runs(
+        [experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=200
+    )
+    for run in running:
+        owner = run.data.tags.get(PROCESS_TAG, "")
+        if run.info.run_id != keep and owner and _holder_gone(owner):
+            client.set_terminated(run.info.run_id, "FAILED")
+            orphans.append(run.info.run_id)
+            print(f"note: MLflow run {run.info.run_id} was left RUNNING by {owner}, a process "
+                  "that is gone (killed): marked FAILED")  # fmt: skip
+    return orphans
 
 
 def log_epochs(run_id: str, rows: list[dict[str, float]]) -> None:

@@ -87,7 +87,9 @@ class Tracker:
         from ..registry import store as registry
 
         self.uri = registry.configure(params.mlflow)
-        self.run_id, self.experiment_id, logged = registry.open_run(run_id, params.flat(), tags)
+        self.run_id, self.experiment_id, logged = registry.open_run(
+            run_id, params.flat(), tags, params.mlflow.experiment
+        )
         # A resumed checkpoint's epochs that the run lacks: a new run (the old one is gone), or
         # a crash between the checkpoint and its logging.
         self.log_epochs([row for row in history if int(row["epoch"]) not in logged])

@@ -186,6 +186,11 @@ class MlflowParams(Section):
     tracking_uri: Text
     experiment: Text
     model_name: Text
+    # A tracking server's requests: seconds each may wait, and retries (MLflow's own defaults,
+    # 120 s and 7 retries, take minutes to give up on an unreachable server). The variables
+    # MLFLOW_HTTP_REQUEST_TIMEOUT / MLFLOW_HTTP_REQUEST_MAX_RETRIES win when set.
+    request_timeout: Annotated[StrictInt, Field(ge=1)] = 8
+    request_retries: Annotated[StrictInt, Field(ge=0)] = 2
 
     @field_validator("tracking_uri")
     @classmethod
