@@ -251,6 +251,29 @@ def test_rollback_restores_the_previous_champion(served: Served) -> None:
     assert f"ROLLED BACK: '{MODEL_NAME}' champion v{newest} -> v1" in output
     assert "bento: my-ml-project:" in output
     assert project.registry()["champion"] == 1
+    # The rollback sticks: the same candidate evaluated again (CI, a retrain) stays out...
+    evaluated = project.nox("evaluate")
+    gate = project.json("metrics/gate.json")
+    assert gate["decision"] == "blocked", gate
+    assert f"nox -s unblock -- {newest}" in evaluated.stdout + evaluated.stderr
+    assert project.registry()["champion"] == 1
+    # ...and reaches the service: restarted, it serves the champion's Bento, not the newest.
+    proc, url = start_service(project)
+    try:
+        row = project.json("data/processed/schema.json")["features"]
+        body = json.dumps({"rows": [dict.fromkeys(row, 1.0)]}).encode()
+        request = urllib.request.Request(
+            f"{url}/predict", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert json.loads(answer.read())["model_version"] == "1"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
     again = project.nox("rollback", check=False)
     assert again.returncode != 0
     assert "nothing to roll back to" in again.stdout + again.stderr
+    # Unblocked on purpose, the version competes again.
+    project.nox("unblock", "--", str(newest))
+    project.nox("evaluate")
+    assert project.json("metrics/gate.json")["decision"] in ("promoted", "not_promoted")

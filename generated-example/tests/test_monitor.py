@@ -27,7 +27,13 @@ from my_ml_project.monitoring.monitor import (
     read_log,
 )
 from my_ml_project.monitoring.result import SCHEMA_VERSION, MonitorResult, json_schema
-from my_ml_project.monitoring.retrain import RetrainError, check_versioned, csv_lines
+from my_ml_project.monitoring.retrain import (
+    RetrainError,
+    check_versioned,
+    csv_lines,
+    validate,
+    write_rejects,
+)
 from my_ml_project.serving.predlog import PredictionLog, count_rows
 
 PARAMS = MonitorParams(min_rows=20, min_labelled_rows=10)
@@ -265,3 +271,39 @@ def test_retrain_refuses_a_raw_file_that_is_not_its_dvc_version(project_dir: Pat
     raw.write_text(raw.read_text() + "1,2,3,4,negative\n")
     with pytest.raises(RetrainError, match="differs from the version"):
         check_versioned(raw)
+
+
+def _labelled(schema: Schema, n: int = 4) -> pd.DataFrame:
+    """Labelled production rows as retrain joins them: request, row, features, the true class."""
+    test, _ = load_frame("test")
+    rows = test.head(n).reset_index(drop=True)
+    return rows.assign(request_id=[f"r{i}" for i in range(n)], row=0)
+
+
+def test_feedback_is_checked_against_the_model_s_schema(prepared_project: Path) -> None:
+    schema = Schema.load(Path("data/processed/schema.json"))
+    rows = _labelled(schema)
+    feature = schema.features[0]
+    rows.loc[0, schema.target] = "maybe"  # a class the model never had
+    rows.loc[1, feature] = float("inf")
+    rows.loc[2, feature] = None  # a gap, and this project refuses gaps (data.missing: error)
+    valid, rejected = validate(rows, schema, "error", allow_new_classes=False)
+    assert valid["request_id"].tolist() == ["r3"]
+    reasons = dict(zip(rejected["request_id"], rejected["reason"], strict=True))
+    assert reasons["r0"].startswith("class 'maybe' is not one of the model's")
+    assert reasons["r1"] == f"{feature} is not finite"
+    assert reasons["r2"] == f"no value for {feature} (data.missing: error)"
+    valid, _ = validate(rows, schema, "impute", allow_new_classes=True)
+    assert valid["request_id"].tolist() == ["r0", "r2", "r3"]  # on purpose: a new class
+    written = write_rejects(rejected, Path("rejects"))
+    assert pd.read_csv(written).columns[:3].tolist() == ["request_id", "row", "reason"]
+
+
+def test_rows_from_a_log_without_a_feature_are_rejected_not_appended(
+    prepared_project: Path,
+) -> None:
+    schema = Schema.load(Path("data/processed/schema.json"))
+    rows = _labelled(schema).drop(columns=schema.features[-1])
+    valid, rejected = validate(rows, schema, "impute", allow_new_classes=False)
+    assert valid.empty
+    assert set(rejected["reason"]) == {f"feature {schema.features[-1]!r} is not in the log"}

@@ -56,6 +56,7 @@ IMAGE_ENV_FILE = BUILD_DIR / "image.env"
 # Monitoring and continuous training.
 REPORTS_DIR = Path("reports/monitoring")
 RETRAIN_STATE = Path("data/retrain.json")
+RETRAIN_REJECTS_DIR = Path("reports/retrain")  # labelled rows retrain refused, with the reasons
 DVC_CACHE = Path(".dvc/cache/files/md5")
 
 
