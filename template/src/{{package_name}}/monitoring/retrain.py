@@ -13,7 +13,7 @@ the data. With no valid row, nothing is written (exit code 2).
 They are appended to ``data.raw_path`` in its own column order (columns the model does not read
 are left empty), then ``dvc add`` records the new version and git commits the ``.dvc`` file with
 ``data/retrain.json``: the previous version stays in git history and DVC's cache (``git checkout
-<commit> -- <raw>.dvc && dvc checkout`` brings it back). Fails closed: the raw file must be the
+<commit> -- <raw>.dvc && dvc checkout --force`` brings it back). Fails closed: the raw file must be the
 version its ``.dvc`` file records, in DVC's cache, and committed; otherwise nothing is written.
 """
 
@@ -131,7 +131,7 @@ def check_versioned(raw: Path) -> str:
     if actual != recorded:
         raise RetrainError(
             f"{raw} differs from the version {dvc_file} records: `dvc add {raw}` and commit "
-            "it (or `dvc checkout` to drop the change) before retraining"
+            f"it (or `dvc checkout --force {raw}` to drop the change) before retraining"
         )
     if not (DVC_CACHE / actual[:2] / actual[2:]).exists():
         raise RetrainError(f"{raw} is not in DVC's cache: `dvc commit {dvc_file}` first")
@@ -188,7 +188,7 @@ def append_version(raw: Path, rows: pd.DataFrame) -> str:
     except (OSError, subprocess.CalledProcessError) as exc:
         raise RetrainError(
             f"`dvc add {raw}` failed ({exc}); the previous version is intact in DVC's cache: "
-            f"`dvc checkout {raw}` restores it"
+            f"`dvc checkout --force {raw}` restores it"
         ) from None
     return file_md5(raw)
 
