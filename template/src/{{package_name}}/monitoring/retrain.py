@@ -13,8 +13,8 @@ the data. With no valid row, nothing is written (exit code 2).
 They are appended to ``data.raw_path`` in its own column order (columns the model does not read
 are left empty), then ``dvc add`` records the new version and git commits the ``.dvc`` file with
 ``data/retrain.json``: the previous version stays in git history and DVC's cache (``git checkout
-<commit> -- <raw>.dvc && dvc checkout --force`` brings it back). Fails closed: the raw file must be the
-version its ``.dvc`` file records, in DVC's cache, and committed; otherwise nothing is written.
+<commit> -- <raw>.dvc && dvc checkout --force`` brings it back). Fails closed: the raw file must
+be the version its ``.dvc`` file records, in DVC's cache, and committed; else nothing is written.
 """
 
 from __future__ import annotations
