@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from my_ml_project.monitoring.retrain import (
     RetrainError,
     check_versioned,
     csv_lines,
+    retrain,
     validate,
     write_rejects,
 )
@@ -307,3 +309,37 @@ def test_rows_from_a_log_without_a_feature_are_rejected_not_appended(
     valid, rejected = validate(rows, schema, "impute", allow_new_classes=False)
     assert valid.empty
     assert set(rejected["reason"]) == {f"feature {schema.features[-1]!r} is not in the log"}
+
+
+@pytest.mark.slow
+def test_retrain_adds_each_labelled_row_once(
+    prepared_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same feedback sent again after a retrain (a client's retry) adds nothing."""
+    schema = Schema.load(Path("data/processed/schema.json"))
+    raw = Path(load_params().data.raw_path)
+    # retrain runs `dvc` and `git`: this environment's dvc first, a committer of this repository.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for command in (
+        ["git", "init", "-q"], ["git", "config", "user.name", "Test"],
+        ["git", "config", "user.email", "test@example.com"], ["dvc", "init", "-q"],
+        ["dvc", "add", "-q", str(raw)], ["git", "add", "-A"], ["git", "commit", "-qm", "data"],
+    ):  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+    test, _ = load_frame("test")
+    logs = Path("logs")
+    ids = log_rows(logs, test.head(8), schema, requests=2)
+    log = PredictionLog(logs, categorical=schema.spec.categorical, flush_s=60)
+    for request_id in ids:
+        log.feedback(request_id, [schema.classes[0]] * 4)
+    log.close()
+    lines = len(raw.read_text().splitlines())
+    first = retrain(logs, dry_run=False, commit=True)
+    assert first["rows"] == 8
+    assert len(raw.read_text().splitlines()) == lines + 8
+    log = PredictionLog(logs, categorical=schema.spec.categorical, flush_s=60)
+    log.feedback(ids[0], [schema.classes[0]] * 4)  # sent again
+    log.close()
+    again = retrain(logs, dry_run=False, commit=True)
+    assert (again["rows"], again["repeated"]) == (0, 4)
+    assert len(raw.read_text().splitlines()) == lines + 8
