@@ -111,6 +111,7 @@ def publish(
             table = paths.PROCESSED_DIR / paths.SEEN_ROWS_ARTIFACT
             pd.DataFrame({"key": seen}).to_parquet(table, index=False)
             mlflow.log_artifact(str(table))
+            mlflow.set_tag(registry.SEEN_ROWS_TAG, str(len(seen)))
             table.unlink()
     name = params.mlflow.model_name
     info = {

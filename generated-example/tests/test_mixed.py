@@ -68,7 +68,9 @@ def test_mixed_csv_trains_registers_and_serves_raw_rows(
     assert proba.shape == (3, 2)
     assert torch.isfinite(proba).all()
     # The gate scores a champion from the test split's raw columns: the same numbers.
-    score = evaluate.champion_score(name, version, evaluate.load_test_split(), "accuracy")
+    test = evaluate.load_test_split()
+    loaded = evaluate.load_champion(name, version, test)
+    score = evaluate.champion_score(loaded, version, test, "accuracy")
     assert score == pytest.approx(metrics["accuracy"])
 
     # The registered pyfunc answers the same rows in labels, as the gate's model does.

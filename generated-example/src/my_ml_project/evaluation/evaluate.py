@@ -278,12 +278,9 @@ def quality_gate(d: Decision) -> bool:
     return d.decision != "failed"
 
 
-def champion_score(name: str, version: str, test: TestSplit, metric: str) -> float:
-    """Score a registered version on the test split, reading its own features by name.
-
-    Raises ChampionUnusableError when it cannot be loaded, or its inputs or classes cannot be
-    built from this split: then no comparison is possible.
-    """
+def load_champion(name: str, version: str, test: TestSplit) -> TabularClassifier:
+    """A registered version, checked to be a model of this project's classes (else
+    ChampionUnusableError: no comparison is possible)."""
     what = f"champion v{version}"
     try:
         champion = registry.load_version(name, version)
@@ -297,11 +294,21 @@ def champion_score(name: str, version: str, test: TestSplit, metric: str) -> flo
             f"{what} predicts other classes ({', '.join(classes)}) than this test split has "
             f"({', '.join(test.schema.classes)})"
         )
+    return champion
+
+
+def champion_score(
+    champion: TabularClassifier, version: str, test: TestSplit, metric: str
+) -> float:
+    """Score the champion on ``test``, reading its own features by name (ChampionUnusableError
+    when its inputs cannot be built from this split)."""
     try:
         proba = predict_proba(champion, test.frame)
     except Exception as exc:  # missing columns (ModelInputError), or a model that fails
-        raise ChampionUnusableError(f"{what} cannot be scored ({_one_line(exc)})") from None
-    index = {label: i for i, label in enumerate(classes)}
+        raise ChampionUnusableError(
+            f"champion v{version} cannot be scored ({_one_line(exc)})"
+        ) from None
+    index = {label: i for i, label in enumerate(champion.class_names)}
     y = test.frame[test.schema.target].astype(str).map(index).to_numpy(np.int64)
     return score(metric, compute_metrics(y, proba), "champion")
 
@@ -356,32 +363,28 @@ def compare(
         d.reason = f"candidate {v} {metric}={_fmt(d.candidate_score)}; there was no champion yet"
         return
     try:
+        model = load_champion(d.model_name, champion, test)
         champion_seen = registry.seen_rows(d.model_name, champion)
-    except Exception as exc:  # the store failed: the champion cannot be judged
-        champion_seen, missing = None, f"its training rows cannot be read ({_one_line(exc)})"
-    else:
-        missing = "its run recorded no training rows (trained by an older release)"
-    if champion_seen is None:
+        if champion_seen is None:
+            raise ChampionUnusableError(
+                f"champion v{champion} cannot be judged on rows it never saw: its run recorded "
+                "no training rows (trained by an older release)"
+            )
+        rows = champion_seen if seen is None else np.concatenate([champion_seen, seen])
+        held = holdout(d, test, rows)
+        if held is None:
+            return
+        assert held.proba is not None, "evaluate() scores the candidate first"
+        d.candidate_holdout_score = score(metric, compute_metrics(held.y, held.proba), "model")
+        d.champion_score = champion_score(model, champion, held, metric)
+    except (ChampionUnusableError, registry.RegistryError) as exc:
+        what = (
+            str(exc) if isinstance(exc, ChampionUnusableError) else f"champion v{champion}: {exc}"
+        )
         if replace_unloadable:
-            d.reason = f"champion v{champion}: {missing}; replaced on purpose"
+            d.reason = f"{what}; replaced on purpose (--replace-unloadable-champion)"
         else:
-            d.decision = "undecided"
-            d.reason = f"champion v{champion} cannot be judged on rows it never saw: {missing}"
-            d.fix = FIX_UNUSABLE
-        return
-    rows = np.concatenate([champion_seen, seen if seen is not None else np.zeros(0, np.uint64)])
-    held = holdout(d, test, rows)
-    if held is None:
-        return
-    assert held.proba is not None, "evaluate() scores the candidate first"
-    d.candidate_holdout_score = score(metric, compute_metrics(held.y, held.proba), "model")
-    try:
-        d.champion_score = champion_score(d.model_name, champion, held, metric)
-    except ChampionUnusableError as exc:
-        if replace_unloadable:
-            d.reason = f"{exc}; replaced on purpose (--replace-unloadable-champion)"
-        else:
-            d.decision, d.reason, d.fix = "undecided", str(exc), FIX_UNUSABLE
+            d.decision, d.reason, d.fix = "undecided", what, FIX_UNUSABLE
         return
     comparison = (
         f"on {d.holdout_rows} holdout rows (of {len(test.keys)} test rows; {d.excluded_rows} "

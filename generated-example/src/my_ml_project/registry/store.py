@@ -52,6 +52,8 @@ HISTORY_TAG = "champion.history"
 BLOCKED_TAG = "promotion.blocked"
 # A run's tag: host:pid of the process that runs it (a RUNNING run whose process is gone failed).
 PROCESS_TAG = "process"
+# A run's tag: how many row keys its SEEN_ROWS_ARTIFACT holds (runs of older releases lack both).
+SEEN_ROWS_TAG = "seen_rows"
 HISTORY_MAX = 100  # versions kept (a tag value holds at most 5000 characters)
 # How long an evaluation waits for another one's promotion (seconds), and the age after which a
 # lock is taken for the leftover of a killed evaluation (then the gate stops and says how to
@@ -347,8 +349,11 @@ def log_epochs(run_id: str, rows: list[dict[str, float]]) -> None:
         client.log_batch(run_id, metrics=values[i : i + 1000], synchronous=False)
 
 
-def log_run_outputs(run_id: str, metrics: dict[str, float], *files: Path) -> None:
-    """The run's final metrics (one request) and output files."""
+def log_run_outputs(
+    run_id: str, metrics: dict[str, float], *files: Path, tags: dict[str, str] | None = None
+) -> None:
+    """The run's final metrics (one request), output files, then ``tags`` (after the files:
+    a tag that names a file is set only once the file is there)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -357,6 +362,8 @@ def log_run_outputs(run_id: str, metrics: dict[str, float], *files: Path) -> Non
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     for path in files:
         client.log_artifact(run_id, str(path))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
 
 
 def end_run(status: str) -> None:
@@ -459,15 +466,17 @@ def load_version(model_name: str, version: str) -> TabularClassifier:
 
 def seen_rows(model_name: str, version: str) -> np.ndarray | None:
     """The keys of the rows a registered version trained on (its run's ``seen_rows.parquet``);
-    None when its run recorded none (trained by an older release of the template)."""
+    None when its run recorded none (trained by an older release of the template); RegistryError
+    when it did but they cannot be read (the artefacts are gone)."""
     import mlflow
     import numpy as np
     import pandas as pd
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
     from mlflow.exceptions import MlflowException
 
-    run_id = mlflow.MlflowClient().get_model_version(model_name, str(version)).run_id
-    if not run_id:
+    client = mlflow.MlflowClient()
+    run_id = client.get_model_version(model_name, str(version)).run_id
+    if not run_id or SEEN_ROWS_TAG not in client.get_run(run_id).data.tags:
         return None
     with (
         _quiet("mlflow.store.artifact"),
@@ -478,8 +487,8 @@ def seen_rows(model_name: str, version: str) -> np.ndarray | None:
             path = mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path=SEEN_ROWS_ARTIFACT, dst_path=tmp
             )
-        except (MlflowException, OSError):
-            return None
+        except (MlflowException, OSError) as exc:
+            raise RegistryError(f"its training rows cannot be read ({_first_line(exc)})") from None
         return pd.read_parquet(path)["key"].to_numpy(np.uint64)
 
 

@@ -163,7 +163,8 @@ def publish(
     with tempfile.TemporaryDirectory(prefix="seen-rows-") as tmp:
         seen = Path(tmp) / SEEN_ROWS_ARTIFACT
         pd.DataFrame({"key": data.seen_keys}).to_parquet(seen, index=False)
-        registry.log_run_outputs(tracker.run_id, metrics, HISTORY_FILE, seen)
+        tags = {registry.SEEN_ROWS_TAG: str(len(data.seen_keys))}
+        registry.log_run_outputs(tracker.run_id, metrics, HISTORY_FILE, seen, tags=tags)
     name = params.mlflow.model_name
     version = registry.version_of_run(name, tracker.run_id)
     if version is None:
