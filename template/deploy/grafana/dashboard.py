@@ -5,7 +5,7 @@
 """The model server's Grafana dashboard, built with Grafana's foundation SDK.
 
 ``uv run deploy/grafana/dashboard.py > deploy/grafana/dashboard.json`` writes what Grafana
-imports (Dashboards > New > Import). Panels: requests by status, 5xx share, latency
+imports (Dashboards > New > Import). Panels: requests by status, failed share (5xx, 429), latency
 percentiles, rows per model call (batches), the prediction log's rows written, dropped and
 failed writes, the model version each namespace serves, and the monitor's verdict. The metrics
 are the service's /metrics (src/*/service.py) and the monitor's (src/*/monitor_export.py).
@@ -30,7 +30,7 @@ from grafana_foundation_sdk.models.dashboard import DataSourceRef
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 NS = 'namespace=~"$namespace"'
 PREDICT = f'endpoint="/predict", {NS}'
-FAILED = f'{PREDICT}, http_response_code=~"5.."'
+FAILED = f'{PREDICT}, http_response_code=~"5..|429"'
 WINDOW = "[$__rate_interval]"
 
 
@@ -88,11 +88,11 @@ def build() -> Dashboard:
         )
         .with_panel(
             timeseries(
-                "Errors (5xx share of /predict)",
+                "Errors (5xx and 429 share of /predict)",
                 "percentunit",
                 query(
                     f"sum({rate(requests, FAILED)}) / sum({rate(requests, PREDICT)})",
-                    "5xx share",
+                    "failed share",
                 ),
             )
         )
