@@ -39,7 +39,16 @@ def torch_source_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 # System tools the tests run, with the Debian package that brings each (.ci/run installs them).
-SYSTEM_TOOLS = {"rsync": "rsync", "chromium": "chromium", "npm": "npm"}
+SYSTEM_TOOLS = {
+    "rsync": "rsync",
+    "chromium": "chromium",
+    "npm": "npm",
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+    # Kubernetes' own apt repository (pkgs.k8s.io): Debian's kubernetes-client is too old for
+    # kustomize 5 (tests/test_release.py renders with `kubectl kustomize`).
+    "kubectl": "kubectl",
+}
 
 
 def system_tool(name: str) -> str:
