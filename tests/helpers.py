@@ -159,9 +159,12 @@ def parse_structured(top: Path) -> int:
 
     import yaml
 
+    def yaml_documents(text: str) -> list:  # Kubernetes manifests hold several
+        return list(yaml.safe_load_all(text))
+
     parsers = {
-        ".yml": yaml.safe_load,
-        ".yaml": yaml.safe_load,
+        ".yml": yaml_documents,
+        ".yaml": yaml_documents,
         ".dvc": yaml.safe_load,
         ".toml": tomllib.loads,
         ".json": json.loads,

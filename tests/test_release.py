@@ -299,8 +299,8 @@ def test_production_is_a_canary_judged_by_prometheus(project: Path) -> None:
     assert (target["kind"], target["name"]) == ("Rollout", "model-server")
 
 
-def test_kubernetes_answer_leaves_the_manifests_out(tmp_path: Path) -> None:
-    project = _render(tmp_path / "p", kubernetes=False)
+def test_release_target_none_leaves_the_manifests_out(tmp_path: Path) -> None:
+    project = _render(tmp_path / "p", release_target="none")
     assert not (project / "deploy" / "k8s").exists()
     assert not (project / "src" / PACKAGE / "release.py").exists()
     tree = ast.parse((project / "noxfile.py").read_text(encoding="utf-8"))

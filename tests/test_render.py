@@ -34,7 +34,7 @@ ANSWER_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "minimal": {
         "ci_providers": [],
-        "kubernetes": False,
+        "release_target": "none",
         "accelerator": "cpu",
         "description": "",
         "license": "proprietary",
