@@ -51,6 +51,17 @@ SYSTEM_TOOLS = {
 }
 
 
+# A kubeconfig naming a server nothing listens on: kubectl answers "connection refused" at once
+# (the release tests' "no cluster reachable").
+NO_CLUSTER = """apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:9"}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+users: [{name: none, user: {}}]
+current-context: none
+"""
+
+
 def system_tool(name: str) -> str:
     """The path of a system tool the tests need; a missing one fails the test in one line.
 

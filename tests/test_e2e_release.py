@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 from e2e import Project, free_port, start_service
-from helpers import system_tool
+from helpers import NO_CLUSTER, system_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -48,13 +48,6 @@ LOAD_S = 25  # seconds of traffic per phase, more than the window
 MIN_REQUESTS = "50"
 # Argo Rollouts' success conditions are expr-lang; these are the only forms analysis.yaml uses.
 CONDITION = re.compile(r"^[\w\s\[\]().<>=!&|+-]+$")
-NO_CLUSTER = """apiVersion: v1
-kind: Config
-clusters: [{name: none, cluster: {server: "https://127.0.0.1:9"}}]
-contexts: [{name: none, context: {cluster: none, user: none}}]
-users: [{name: none, user: {}}]
-current-context: none
-"""
 
 
 @dataclass
@@ -241,10 +234,7 @@ def analysis(project: Project) -> dict:
         text=True,
         check=True,
     )
-    # Printed whole (after the environment's own output), and kept in build/release/.
-    written = (shipped.path / "build" / "release" / "production.yaml").read_text()
-    assert written in proc.stdout
-    docs = [d for d in yaml.safe_load_all(written) if d]
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     (template,) = [d for d in docs if d["kind"] == "AnalysisTemplate"]
     return template
 

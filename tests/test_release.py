@@ -23,7 +23,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from helpers import render, system_tool
+from helpers import NO_CLUSTER, render, system_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = Path(__file__).resolve().parent / "data" / "crds"
@@ -31,14 +31,6 @@ K8S_VERSION = "1.32.0"  # the kubectl these tests run; kubernetes-validate's sch
 ENVIRONMENTS = ("staging", "production")
 PACKAGE = "my_ml_project"
 IMAGE = "ghcr.io/acme/my-ml-project"
-# A kubeconfig naming a server nothing listens on: kubectl answers "connection refused" at once.
-NO_CLUSTER = """apiVersion: v1
-kind: Config
-clusters: [{name: none, cluster: {server: "https://127.0.0.1:9"}}]
-contexts: [{name: none, context: {cluster: none, user: none}}]
-users: [{name: none, user: {}}]
-current-context: none
-"""
 
 # checkov findings accepted on the rendered manifests, each with its reason. The test fails on
 # any other finding, and on a reason kept here for a check that no longer fails.
