@@ -683,5 +683,27 @@ def ci_rollback(session: nox.Session) -> None:
     session.log(f"rollback: {repository}:model-v{champion} is the image to run again")
 
 
+@nox.session(name="monitor-export", default=False)
+def monitor_export(session: nox.Session) -> None:
+    """The monitor's verdict as Prometheus metrics: printed, or `-- --push URL` (Pushgateway)."""
+    env = project_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.monitoring.export", *session.posargs, env=env)
+
+
+@nox.session(default=False)
+def release(session: nox.Session) -> None:
+    """Render deploy/k8s and apply it: -- --to staging|production [--version V] [--dry-run].
+
+    Exits with release.py's own code: 2 bad input, 3 no cluster reachable (nothing applied).
+    """
+    env = {k: v for k, v in {**os.environ, **project_env(session)}.items() if v is not None}
+    python = VENV / ("Scripts" if sys.platform == "win32" else "bin") / "python"
+    command = [str(python), "-m", f"{PACKAGE}.serving.release", *session.posargs]
+    session.log(" ".join(["python", *command[1:]]))
+    code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    if code:
+        raise SystemExit(code)  # nox would make every failure exit code 1
+
+
 if __name__ == "__main__":
     nox.main()

@@ -140,10 +140,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_service(project: Project, **env: str) -> tuple[subprocess.Popen, str]:
-    """``nox -s serve`` on a free loopback port, in a session of its own; (process, URL) once
-    ``/readyz`` answers 200 (the test fails if it exits first or takes over two minutes)."""
-    port = free_port()
+def start_service(
+    project: Project, port: int | None = None, **env: str
+) -> tuple[subprocess.Popen, str]:
+    """``nox -s serve`` on ``port`` (default: a free one) of loopback, in a session of its own;
+    (process, URL) once ``/readyz`` answers 200 (the test fails if it exits first or takes over
+    two minutes)."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "nox", "-s", "serve", "--", "--port", str(port)],
         cwd=project.path,

@@ -39,7 +39,30 @@ def torch_source_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 # System tools the tests run, with the Debian package that brings each (.ci/run installs them).
-SYSTEM_TOOLS = {"rsync": "rsync", "chromium": "chromium", "npm": "npm"}
+SYSTEM_TOOLS = {
+    "rsync": "rsync",
+    "chromium": "chromium",
+    "npm": "npm",
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+}
+# Tools no Debian package brings in a usable version: how to get each.
+OTHER_TOOLS = {
+    # kustomize 5 (tests/test_release.py renders with `kubectl kustomize`); Debian's
+    # kubernetes-client is too old.
+    "kubectl": "install kubectl 1.27+ (Kubernetes' own apt repository, pkgs.k8s.io)",
+}
+
+
+# A kubeconfig naming a server nothing listens on: kubectl answers "connection refused" at once
+# (the release tests' "no cluster reachable").
+NO_CLUSTER = """apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:9"}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+users: [{name: none, user: {}}]
+current-context: none
+"""
 
 
 def system_tool(name: str) -> str:
@@ -51,6 +74,8 @@ def system_tool(name: str) -> str:
     if path is None:
         import pytest
 
+        if name in OTHER_TOOLS:
+            pytest.fail(f"{name} is missing: {OTHER_TOOLS[name]}", False)
         package = SYSTEM_TOOLS[name]
         pytest.fail(f"{name} is missing: apt-get install {package} (.ci/run installs it)", False)
     return path
@@ -150,9 +175,12 @@ def parse_structured(top: Path) -> int:
 
     import yaml
 
+    def yaml_documents(text: str) -> list:  # Kubernetes manifests hold several
+        return list(yaml.safe_load_all(text))
+
     parsers = {
-        ".yml": yaml.safe_load,
-        ".yaml": yaml.safe_load,
+        ".yml": yaml_documents,
+        ".yaml": yaml_documents,
         ".dvc": yaml.safe_load,
         ".toml": tomllib.loads,
         ".json": json.loads,

@@ -34,6 +34,7 @@ ANSWER_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "minimal": {
         "ci_providers": [],
+        "release_target": "none",
         "accelerator": "cpu",
         "description": "",
         "license": "proprietary",

@@ -47,6 +47,7 @@ INVALID_CHOICES: list[tuple[dict[str, Any], str, str]] = [
     ({"accelerator": "tpu"}, "accelerator", "'tpu' is not in"),
     ({"license": "GPL-3.0"}, "license", "'GPL-3.0' is not in"),
     ({"ci_providers": ["github", "circle"]}, "ci_providers", "'circle' is not in"),
+    ({"release_target": "nomad"}, "release_target", "'nomad' is not in"),
 ]
 VALID: list[dict[str, Any]] = [
     {"dvc_remote": "s3://bucket/p"},

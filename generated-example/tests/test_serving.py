@@ -108,6 +108,33 @@ def test_log_is_bounded(tmp_path) -> None:
     assert len(next(tmp_path.rglob("*.jsonl")).read_text().splitlines()) == 2
 
 
+def test_log_reports_its_events(tmp_path) -> None:
+    """Rows written and dropped reach the callback the service turns into metrics."""
+    events: list[tuple[str, int]] = []
+    log = PredictionLog(tmp_path, max_pending=2, flush_s=60, on_event=lambda *e: events.append(e))
+    for i in range(3):
+        log.record(str(i), "1", [ROW], [{"label": "x"}])
+    log.close()
+    assert events == [("dropped", 1), ("written", 2)]
+
+
+def test_failed_write_loses_its_batch_not_the_writer(tmp_path) -> None:
+    """A folder that cannot be written (here: a file in its way) fails that batch, counted; the
+    next batch, once the folder can be written, is logged."""
+    blocked = tmp_path / "log"
+    blocked.write_text("not a folder")
+    events: list[tuple[str, int]] = []
+    log = PredictionLog(blocked, flush_s=60, on_event=lambda *e: events.append(e))
+    log.record("a", "1", [ROW, ROW], [{"label": "x"}, {"label": "y"}])
+    assert log.flush() == 0
+    assert (log.write_errors, log.dropped) == (1, 2)
+    assert events == [("write_error", 1), ("dropped", 2)]
+    blocked.unlink()
+    log.record("b", "1", [ROW], [{"label": "x"}])
+    log.close()
+    assert len(next(blocked.rglob("predictions-*.jsonl")).read_text().splitlines()) == 1
+
+
 def _scorer(calls: list[list]) -> object:
     def score(records: list) -> tuple[list, list]:
         calls.append(list(records))

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,10 +53,14 @@ class PredictionLog:
         categorical: Sequence[str] = (),
         max_pending: int = 100_000,
         flush_s: float = 0.5,
+        on_event: Callable[[str, int], None] | None = None,
     ) -> None:
         self.folder, self.max_pending, self.flush_s = Path(folder), max_pending, flush_s
         self.categorical = tuple(categorical)
         self.dropped = 0
+        self.write_errors = 0
+        # ("written" | "dropped" | "write_error", count): the service's metrics follow the log.
+        self._event = on_event or (lambda event, count: None)
         self._pending: list[tuple[str, str, tuple[Any, ...]]] = []
         self._rows = 0
         self._lock = threading.Lock()
@@ -84,6 +88,7 @@ class PredictionLog:
         with self._lock:
             if self._rows + size > self.max_pending:
                 self.dropped += size
+                self._event("dropped", size)
                 return
             self._rows += size
             self._pending.append((kind, now, item))
@@ -100,14 +105,26 @@ class PredictionLog:
         for kind, ts, item in batch:
             lines = files.setdefault((ts[:10], kind), [])
             lines.extend(self._lines(kind, ts, item))
+        written = 0
         for (day, kind), lines in files.items():
             folder = self.folder / f"date={day}"
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / f"{kind}-{os.getpid()}.jsonl", "a", encoding="utf-8") as fh:
-                fh.write("\n".join(lines) + "\n")
+            try:  # a full or read-only disk loses these lines, not the writer thread
+                folder.mkdir(parents=True, exist_ok=True)
+                with open(folder / f"{kind}-{os.getpid()}.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write("\n".join(lines) + "\n")
+            except OSError as exc:
+                self.write_errors += 1
+                self.dropped += len(lines)
+                self._event("write_error", 1)
+                self._event("dropped", len(lines))
+                logger.error("prediction log: %d lines lost: %s", len(lines), exc)
+                continue
+            written += len(lines)
+            if kind == PREDICTIONS:
+                self._event("written", len(lines))
         if self.dropped:
-            logger.warning("prediction log full: %d rows not logged so far", self.dropped)
-        return sum(len(lines) for lines in files.values())
+            logger.warning("prediction log: %d rows not logged so far", self.dropped)
+        return written
 
     def _lines(self, kind: str, ts: str, item: tuple[Any, ...]) -> Iterator[str]:
         if kind == FEEDBACK:

@@ -54,6 +54,34 @@ from .predlog import PredictionLog, count_rows
 logger = logging.getLogger(__name__)
 DEPLOYMENT = Path(__file__).with_name(DEPLOYMENT_FILE)
 
+# On /metrics beside BentoML's own (deploy/prometheus/ alerts on them, deploy/grafana/ shows
+# them). bentoml.metrics objects are lazy: nothing is registered until a worker uses them.
+MODEL_INFO = bentoml.metrics.Gauge(
+    name="model_info",
+    documentation="The registry version this worker serves (value 1)",
+    labelnames=["model_version"],
+    multiprocess_mode="livemax",
+)
+ROWS_PER_CALL = bentoml.metrics.Histogram(
+    name="model_rows_per_call",
+    documentation="Rows scored in one model call (requests batched together)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+LOG_EVENTS = {  # what PredictionLog reports (its on_event)
+    "written": bentoml.metrics.Counter(
+        name="prediction_log_rows_written_total",
+        documentation="Prediction rows written to the prediction log",
+    ),
+    "dropped": bentoml.metrics.Counter(
+        name="prediction_log_rows_dropped_total",
+        documentation="Prediction rows lost: the log's queue was full or a write failed",
+    ),
+    "write_error": bentoml.metrics.Counter(
+        name="prediction_log_write_errors_total",
+        documentation="Failed writes to the prediction log (each loses a batch of rows)",
+    ),
+}
+
 
 def deployed_models(deployment: Path = DEPLOYMENT) -> dict[str, str | None]:
     """The BentoML tags to serve: ``deployment.json`` in a Bento, else the newest imported model."""
@@ -119,10 +147,15 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             self.version = str(STORED.info.metadata["registry_version"])
             self.log = None
             if SETTINGS.log_enabled:
-                self.log = PredictionLog(SETTINGS.log_dir, categorical=SPEC.categorical)
+                self.log = PredictionLog(
+                    SETTINGS.log_dir,
+                    categorical=SPEC.categorical,
+                    on_event=lambda event, count: LOG_EVENTS[event].inc(count),
+                )
                 self.log.describe(self.version, model_card(STORED))
             # Concurrent requests scored in one model call (about the cost of one request's).
-            self.batcher = Batcher(lambda rows: self._score(self.model, rows), SETTINGS.max_rows)
+            self.batcher = Batcher(self._score_served, SETTINGS.max_rows)
+            MODEL_INFO.labels(model_version=self.version).set(1)
             self.recent = RecentRequests()
             self.shadow = None
             if SHADOW_REF is not None and SHADOW_REF.stored is not None and self.log is not None:
@@ -135,6 +168,10 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
                 self.log.describe(self.shadow_version, model_card(stored))
             self._tasks: set[asyncio.Task] = set()
             gc.freeze()  # the models and the imports: out of every later collection
+
+        def _score_served(self, records: list[dict[str, Any]]) -> Scores:
+            ROWS_PER_CALL.observe(len(records))
+            return self._score(self.model, records)
 
         @staticmethod
         def _score(model: Any, records: list[dict[str, Any]]) -> Scores:
