@@ -430,10 +430,15 @@ def quality(traffic: Traffic, cards: dict[str, dict], params: MonitorParams) -> 
             entry["why_not_judged"] = (
                 f"{len(rows)} labelled rows < monitor.min_labelled_rows {params.min_labelled_rows}"
             )
+        elif version == "file" and not cards:
+            entry["why_not_judged"] = (
+                "no test metrics to judge against: the prediction log describes no model "
+                "version (models/<version>.json); point --log-dir at the served model's log"
+            )
         elif version == "file":
             entry["why_not_judged"] = (
-                f"which model made the file's predictions? The prediction log ({len(cards)} "
-                "versions described) cannot tell: add a model_version column"
+                f"which model made the file's predictions? The prediction log describes "
+                f"{len(cards)} versions: add a model_version column"
             )
         else:
             entry["why_not_judged"] = (
