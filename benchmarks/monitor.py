@@ -31,23 +31,30 @@ from pathlib import Path
 
 BUILD = Path("build/bench-monitor")
 
-# The reference side: the same presets as monitor.py's run_drift and classification_report, on
-# frames already typed, nothing else.
+# The reference side: the same presets as monitor.py's run_drift and classification_report (the
+# same test and threshold per column), on frames already typed, nothing else.
 EVIDENTLY_ALONE = """
-import sys, warnings
+import importlib, sys, warnings
 import pandas as pd
 from evidently import BinaryClassification, DataDefinition, Dataset
 from evidently import MulticlassClassification, Report
 from evidently.presets import ClassificationPreset, DataDriftPreset, DataSummaryPreset
 
 folder, numeric, classes = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
+drift = importlib.import_module(sys.argv[4] + ".monitoring.drift")
+params = importlib.import_module(sys.argv[4] + ".core.config").load_params().monitor
 current = pd.read_parquet(f"{folder}/current.parquet")
 reference = pd.read_parquet(f"{folder}/reference.parquet")
 columns = list(reference.columns)
+features = {c: c in numeric for c in columns if c != "prediction"}
+plans = drift.plan(features, params, "prediction")
+drift.register_tests()
 definition = DataDefinition(numerical_columns=numeric,
                             categorical_columns=[c for c in columns if c not in numeric])
 warnings.simplefilter("ignore")
-report = Report([DataDriftPreset(columns=columns, drift_share=0.3),
+report = Report([DataDriftPreset(columns=columns, drift_share=0.5 / len(columns),
+                                 per_column_method={c: plans[c].method for c in columns},
+                                 per_column_threshold={c: plans[c].threshold for c in columns}),
                  DataSummaryPreset(columns=columns)], include_tests=True)
 report.run(Dataset.from_pandas(current[columns], data_definition=definition),
            Dataset.from_pandas(reference, data_definition=definition)).save_html(
@@ -64,7 +71,7 @@ quality.save_html(f"{folder}/alone-quality.html")
 
 
 def _package() -> str:
-    return next(p.parent.name for p in Path("src").glob("*/monitor.py"))
+    return next(p.parent.parent.name for p in Path("src").glob("*/monitoring/monitor.py"))
 
 
 def _run(*command: str) -> float:
@@ -150,7 +157,7 @@ def main() -> None:
     monitor = [sys.executable, "-m", f"{package}.monitoring.monitor",
                "--log-dir", str(BUILD / "log"), "--since", since]  # fmt: skip
     alone = [sys.executable, "-c", EVIDENTLY_ALONE, str(BUILD), ",".join(numeric),
-             ",".join(classes)]  # fmt: skip
+             ",".join(classes), package]  # fmt: skip
     env_note = {"MLFLOW_DISABLE_TELEMETRY": "true"}
     os.environ.update(env_note)
     times: dict[str, list[float]] = {"monitor": [], "evidently": []}
