@@ -9,23 +9,31 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from my_ml_project.core.config import MonitorParams, Params, load_params
+from my_ml_project.core.features import NUMERIC
 from my_ml_project.core.fileio import file_md5
 from my_ml_project.data.prepare import Schema, load_frame, prepare
+from my_ml_project.monitoring.drift import chi2_homogeneity, judge, plan
 from my_ml_project.monitoring.monitor import (
     PREDICTION,
     MonitorError,
     Traffic,
+    _for_evidently,
+    accuracy_p_value,
     decide,
     file_traffic,
     monitor,
     parse_time,
+    prune,
     quality,
     read_feedback,
     read_log,
+    run_drift,
 )
 from my_ml_project.monitoring.result import SCHEMA_VERSION, MonitorResult, json_schema
 from my_ml_project.monitoring.retrain import (
@@ -138,21 +146,27 @@ def test_count_rows_finds_a_request_in_the_log(tmp_path: Path) -> None:
     assert count_rows(tmp_path, "c" * 32) == 0
 
 
-def _drift(*drifted: str, prediction: bool = False) -> dict:
-    columns = {f"f{i}": {"drifted": f"f{i}" in drifted} for i in range(10)}
+def _drift(*drifted: str, prediction: bool = False, watched: tuple[str, ...] = ()) -> dict:
+    columns = {
+        f"f{i}": {"drifted": f"f{i}" in drifted, "important": f"f{i}" not in watched}
+        for i in range(10)
+    }
     return columns | {PREDICTION: {"drifted": prediction}}
 
 
 FEATURES = [f"f{i}" for i in range(10)]
 NO_QUALITY: dict = {"versions": {}}
+WATCHED = ("f0", "f1", "f2", "f3", "f4")  # weight 0: reported, never raising drift alone
 
 
 @pytest.mark.parametrize(
     ("rows", "drift", "qual", "status"),
     [
         (19, _drift("f0", "f1", "f2"), NO_QUALITY, "insufficient_data"),
-        (20, _drift("f0", "f1"), NO_QUALITY, "healthy"),
-        (20, _drift("f0", "f1", "f2"), NO_QUALITY, "drift"),
+        (20, _drift(), NO_QUALITY, "healthy"),
+        (20, _drift("f0"), NO_QUALITY, "drift"),  # one important feature is enough
+        (20, _drift("f0", "f1", watched=WATCHED), NO_QUALITY, "healthy"),
+        (20, _drift("f0", "f1", "f2", watched=WATCHED), NO_QUALITY, "drift"),  # drift_share
         (20, _drift(prediction=True), NO_QUALITY, "drift"),
         (
             20,
@@ -163,7 +177,8 @@ NO_QUALITY: dict = {"versions": {}}
                         "degraded": True,
                         "rows": 30,
                         "accuracy": 0.5,
-                        "f1": 0.5,
+                        "accuracy_floor": 0.85,
+                        "p_value": 1e-6,
                         "test_accuracy": 0.9,
                     }
                 }
@@ -179,7 +194,59 @@ def test_gate_decisions(rows: int, drift: dict, qual: dict, status: str) -> None
 def test_drifted_features_are_named() -> None:
     status, reasons, drifted = decide(50, _drift("f3", "f5", "f7"), FEATURES, NO_QUALITY, PARAMS)
     assert (status, drifted) == ("drift", ["f3", "f5", "f7"])
-    assert "3 of 10 features drift" in reasons[0]
+    assert reasons[0].startswith("3 important feature(s) drift: f3, f5, f7")
+
+
+def test_the_plan_spends_the_false_alarm_rate_by_weight() -> None:
+    kinds = {"tenure": True, "plan": False, "country": False, "auto_renew": False}
+    equal = plan(kinds, PARAMS, PREDICTION)
+    assert {c.method for c in equal.values()} == {"ks", "chi2_homogeneity"}
+    assert equal["tenure"].method == "ks"
+    assert sum(c.threshold for c in equal.values()) == pytest.approx(PARAMS.drift_alpha)
+    weighted = plan(kinds, PARAMS.model_copy(update={"importance": {"tenure": 3, "plan": 1}}))
+    assert weighted["tenure"].threshold == pytest.approx(3 * weighted["plan"].threshold)
+    assert weighted["tenure"].threshold + weighted["plan"].threshold == pytest.approx(
+        PARAMS.drift_alpha
+    )
+    assert not weighted["country"].important  # unlisted: watched, at alpha / columns
+    assert weighted["country"].threshold == pytest.approx(PARAMS.drift_alpha / 4)
+    with pytest.raises(ValueError, match=r"monitor\.importance names tenur, not features"):
+        plan(kinds, PARAMS.model_copy(update={"importance": {"tenur": 1}}))
+
+
+def test_importance_needs_a_positive_weight() -> None:
+    with pytest.raises(ValidationError, match="at least one a positive weight"):
+        MonitorParams(importance={"tenure": 0})
+
+
+def test_a_negligible_shift_on_a_huge_window_is_not_drift() -> None:
+    rng = np.random.default_rng(0)
+    reference = pd.DataFrame({"x": rng.normal(0, 1, 20_000)})
+    moved = pd.DataFrame({"x": rng.normal(0.05, 1, 200_000)})  # 0.05 SD: real, negligible
+    plans = plan({"x": True}, PARAMS)
+    verdict = judge(reference, moved, plans)["x"]
+    assert verdict["score"] < 1e-6  # K-S sees it...
+    assert verdict["effect"] < PARAMS.min_effect_numeric
+    assert verdict["drifted"] is False  # ...but it moved less than min_effect_numeric
+    far = judge(reference, pd.DataFrame({"x": rng.normal(0.5, 1, 1_000)}), plans)["x"]
+    assert far["drifted"] is True
+
+
+def test_chi_square_homogeneity_counts_the_reference_s_noise_too() -> None:
+    rng = np.random.default_rng(1)
+    levels, shares = ["a", "b", "c", "d"], [0.5, 0.3, 0.15, 0.05]
+    reference = pd.Series(rng.choice(levels, 400, p=shares))
+    p_values = [
+        chi2_homogeneity(reference, pd.Series(rng.choice(levels, 20_000, p=shares)))
+        for _ in range(40)
+    ]
+    # The same population: p-values spread over (0, 1), not piled near 0 as a goodness-of-fit
+    # test against the reference's 400-row shares does.
+    assert np.mean(np.array(p_values) < 0.05) < 0.2
+    shifted = pd.Series(rng.choice(levels, 1_000, p=[0.7, 0.2, 0.07, 0.03]))
+    assert chi2_homogeneity(reference, shifted) < 1e-4
+    assert chi2_homogeneity(reference, pd.Series(["a"] * 50)) < 1e-6
+    assert chi2_homogeneity(pd.Series(["a"] * 10), pd.Series(["a"] * 10)) == 1.0
 
 
 def _traffic(target: list[str], prediction: list[str], version: str = "1") -> Traffic:
@@ -187,12 +254,17 @@ def _traffic(target: list[str], prediction: list[str], version: str = "1") -> Tr
     return Traffic(frame, "test")
 
 
-def test_quality_is_judged_against_the_version_s_test_metrics() -> None:
+def test_quality_is_a_binomial_test_against_the_version_s_test_accuracy() -> None:
     cards = {"1": {"test_metrics": {"accuracy": 0.95, "f1": 0.95}}}
     good = quality(_traffic(["a", "b"] * 10, ["a", "b"] * 10), cards, PARAMS)["versions"]["1"]
     assert (good["accuracy"], good["judged"], good["degraded"]) == (1.0, True, False)
     bad = quality(_traffic(["a", "b"] * 10, ["a", "a"] * 10), cards, PARAMS)["versions"]["1"]
     assert bad["degraded"] is True
+    assert bad["p_value"] == pytest.approx(accuracy_p_value(10, 20, 0.90))
+    # 27 of 30 right (0.90, under the 0.90 floor only by chance): not enough evidence.
+    near = _traffic(["a"] * 30, ["a"] * 27 + ["b"] * 3)
+    entry = quality(near, cards, PARAMS.model_copy(update={"min_labelled_rows": 30}))
+    assert entry["versions"]["1"]["degraded"] is False
     few = quality(_traffic(["a"] * 5, ["b"] * 5), cards, PARAMS)["versions"]["1"]
     assert few["judged"] is False
     assert "min_labelled_rows" in few["why_not_judged"]
@@ -200,11 +272,54 @@ def test_quality_is_judged_against_the_version_s_test_metrics() -> None:
     assert (unknown["judged"], unknown["degraded"]) == (False, False)
 
 
+def test_accuracy_p_value_is_the_binomial_tail() -> None:
+    assert accuracy_p_value(30, 30, 0.9) == pytest.approx(1.0)
+    assert accuracy_p_value(0, 10, 0.5) == pytest.approx(0.5**10)
+    assert accuracy_p_value(5, 10, 0.0) == 1.0
+
+
 def test_file_without_the_features_names_them(mixed: Schema, tmp_path: Path) -> None:
     path = tmp_path / "current.csv"
     pd.DataFrame({"tenure": [1.0]}).to_csv(path, index=False)
     with pytest.raises(MonitorError, match="lacks 3 of the 4 feature columns: plan, country"):
         file_traffic(path, mixed)
+    pd.DataFrame(columns=mixed.features).to_csv(path, index=False)
+    with pytest.raises(MonitorError, match="has no rows"):
+        file_traffic(path, mixed)
+
+
+def test_a_column_empty_in_every_row_is_one_clear_error(mixed: Schema, tmp_path: Path) -> None:
+    test, _ = load_frame("test")
+    path = tmp_path / "current.csv"
+    test[mixed.features].assign(tenure=None).to_csv(path, index=False)
+    with pytest.raises(MonitorError, match="tenure: no values in the window"):
+        monitor(PARAMS, tmp_path / "no-log", path)
+
+
+@pytest.mark.slow
+def test_the_report_s_p_values_are_the_direct_tests(mixed: Schema) -> None:
+    """What benchmarks/monitor_verdicts.py measures (Evidently's tests called on the frames) is
+    what a report computes."""
+    frames = [load_frame(split)[0] for split in ("train", "test")]
+    reference, current = (
+        _for_evidently(f.assign(**{PREDICTION: f[mixed.target]}), mixed) for f in frames
+    )
+    _, verdicts = run_drift(current, reference, mixed, PARAMS)
+    kinds = {name: mixed.spec.kinds[name] == NUMERIC for name in mixed.features}
+    direct = judge(reference, current, plan(kinds, PARAMS, PREDICTION))
+    assert set(direct) == set(verdicts) == {*mixed.features, PREDICTION}
+    for name, entry in verdicts.items():
+        assert direct[name]["score"] == pytest.approx(entry["score"], rel=1e-9), name
+        assert direct[name]["drifted"] == entry["drifted"]
+
+
+def test_old_report_folders_are_pruned(tmp_path: Path) -> None:
+    stamps = [f"2026010{d}T000000000000Z" for d in range(1, 6)]
+    for name in [*stamps, "latest", "notes"]:
+        (tmp_path / name).mkdir()
+    removed = prune(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == stamps[:3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*stamps[3:], "latest", "notes"])
 
 
 def test_since_must_be_a_time() -> None:
@@ -224,7 +339,12 @@ def test_monitor_finds_the_shifted_feature_and_new_categories(
     )
     assert result.status in ("healthy", "drift")
     assert set(result.drift.features) == set(mixed.features)
-    assert (folder / "report.html").stat().st_size > 100_000
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    assert len(page) > 100_000
+    # The gate's own verdict is the first thing in the page's body, before Evidently's app.
+    body = page[page.index(">", page.index("<body")) + 1 :]
+    assert body.startswith('<section id="monitor-verdict"')
+    assert f"Monitoring gate: {result.status.upper()}" in body[:2000]
     written = folder.parent / "latest" / "result.json"
     assert json.loads(written.read_text())["schema_version"] == SCHEMA_VERSION
     assert MonitorResult.read(written).to_json() == result.to_json()
@@ -237,6 +357,66 @@ def test_monitor_finds_the_shifted_feature_and_new_categories(
     assert {"tenure", "plan"} <= set(result.drift.drifted_features)
     assert result.data_summary["new_categories"]["plan"] == ["Platinum"]
     assert result.data_summary["out_of_range"]["tenure"]["rows"] > 0
+    entry = result.drift.features["tenure"]
+    assert (entry["method"], entry["important"]) == ("ks", True)
+    assert entry["score"] <= entry["threshold"]
+    assert entry["effect"] >= entry["min_effect"]
+    assert result.drift.features["plan"]["method"] == "chi2_homogeneity"
+
+
+SHAPES = [
+    ((), "csv"),
+    (("label",), "parquet"),
+    (("churned",), "csv"),
+    (("label", "churned"), "csv"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("extra", "suffix"), SHAPES)
+def test_current_takes_any_file_with_the_feature_columns(
+    mixed: Schema, tmp_path: Path, extra: tuple[str, ...], suffix: str
+) -> None:
+    test, _ = load_frame("test")
+    frame = test[mixed.features].assign(label=test["churned"], churned=test["churned"])
+    frame = frame[[*mixed.features, *extra]].assign(note="ignored")
+    path = tmp_path / f"current.{suffix}"
+    frame.to_csv(path, index=False) if suffix == "csv" else frame.to_parquet(path)
+    result, folder = monitor(PARAMS, tmp_path / "no-log", path)
+    assert result.status in ("healthy", "drift"), result.reasons
+    assert result.rows.current == len(test)
+    assert set(result.drift.features) == set(mixed.features)
+    assert (result.drift.prediction is not None) == ("label" in extra)
+    assert result.rows.labelled == (len(test) if {"label", "churned"} <= set(extra) else 0)
+    assert (folder / "quality.html").exists() == (result.rows.labelled > 0)
+    if result.rows.labelled:  # no log beside the file: nothing to judge the accuracy against
+        entry = result.quality["versions"]["file"]
+        assert entry["judged"] is False
+        assert "describes no model version" in entry["why_not_judged"]
+
+
+@pytest.mark.slow
+def test_current_with_labels_is_judged_against_the_served_model(
+    mixed: Schema, tmp_path: Path
+) -> None:
+    test, _ = load_frame("test")
+    log_rows(tmp_path / "log", test.iloc[:5], mixed)  # describes v1: test accuracy 0.9
+    wrong = test["churned"].map({"yes": "no", "no": "yes"})
+    half = np.arange(len(test)) % 2 == 0
+    frame = test[mixed.features].assign(
+        label=np.where(half, wrong, test["churned"]), churned=test["churned"]
+    )
+    path = tmp_path / "current.csv"
+    frame.to_csv(path, index=False)
+    result, _ = monitor(PARAMS, tmp_path / "log", path)
+    assert result.status == "degraded", result.reasons
+    entry = result.quality["versions"]["1"]
+    assert entry["accuracy"] == pytest.approx(0.5, abs=0.02)
+    assert entry["p_value"] < PARAMS.quality_alpha
+    right = frame.assign(label=test["churned"])
+    right.to_csv(path, index=False)
+    result, _ = monitor(PARAMS, tmp_path / "log", path)
+    assert result.quality["versions"]["1"]["degraded"] is False
 
 
 def current_umask() -> int:

@@ -168,18 +168,33 @@ class MonitorParams(Section):
     window_days: Annotated[StrictInt, Field(ge=1)] = 7
     # Fewer rows than this in the window: status insufficient_data (drift tests mean little).
     min_rows: Annotated[StrictInt, Field(ge=1)] = 50
-    # Status drift when at least this share of the features drift (Evidently's drift share).
+    # Drift (monitoring/drift.py): K-S for numbers, chi-square homogeneity for categories; the
+    # chance that a run on unshifted data alarms, across all its columns (weighted Bonferroni).
+    drift_alpha: Fraction = 0.01
+    # A column drifts only if it also moved this far: numbers, the Wasserstein distance in the
+    # reference's standard deviations; categories, the total variation distance of their shares.
+    min_effect_numeric: Annotated[Number, Field(ge=0)] = 0.1
+    min_effect_categorical: Unit = 0.05
+    # Feature weights: {} = every feature alike; else {column: weight}, unlisted columns weigh 0
+    # (watched, reported, never raising drift alone). Status drift when any weighted feature
+    # drifts, or at least drift_share of all features do.
+    importance: dict[Text, Annotated[Number, Field(ge=0)]] = {}
     drift_share: Annotated[Number, Field(gt=0, le=1)] = 0.3
-    # Drift threshold of every feature's test (p-value for K-S / chi-square / Z-test, distance
-    # for Wasserstein / Jensen-Shannon: Evidently picks the test by column kind and row count);
-    # null = Evidently's default for that test. Per feature: {column: threshold}.
-    drift_threshold: Annotated[Number, Field(gt=0, le=1)] | None = None
-    feature_thresholds: dict[Text, Annotated[Number, Field(gt=0, le=1)]] = {}
-    # Ground truth: at least this many labelled rows of a model version before its accuracy and
-    # F1 are judged; status degraded when either falls more than this below its test value.
+    # Ground truth: at least this many labelled rows of a model version before its accuracy is
+    # judged; status degraded when a one-sided exact binomial test says, at level quality_alpha,
+    # that its accuracy is below its test accuracy minus max_accuracy_drop.
     min_labelled_rows: Annotated[StrictInt, Field(ge=1)] = 30
     max_accuracy_drop: Unit = 0.05
-    max_f1_drop: Unit = 0.05
+    quality_alpha: Fraction = 0.05
+    # Report folders kept under reports/monitoring/ (the newest N; latest/ besides).
+    keep_reports: Annotated[StrictInt, Field(ge=1)] = 30
+
+    @field_validator("importance")
+    @classmethod
+    def _some_weight(cls, value: dict[str, float]) -> dict[str, float]:
+        if value and not any(w > 0 for w in value.values()):
+            raise ValueError("gives every feature weight 0: give at least one a positive weight")
+        return value
 
 
 class MlflowParams(Section):

@@ -4,21 +4,24 @@
 [--no-fail]`` (``nox -s monitor``), from the project root. Reads the ``monitor`` section of
 params.yaml, the prepared train split (the reference, as DVC tracks it) and either the prediction
 log (``PREDICTION_LOG_DIR``, default ``logs/predictions``, see :mod:`.predlog`) with the feedback
-sent to ``/feedback``, or any CSV/Parquet file of feature rows (``--current``; a ``label`` column
-is taken as the predictions, the target column as ground truth).
+sent to ``/feedback``, or any CSV/Parquet file with the feature columns (``--current``; optional:
+``label``, the predictions; the target column, ground truth; ``model_version``).
 
 What it checks:
 - data drift of every feature and of the predicted classes (against the train split's classes),
-  by Evidently's tests (the test per column kind and size, thresholds from params.yaml);
+  by the tests and thresholds :mod:`.drift` sets for Evidently (K-S, chi-square homogeneity,
+  weighted Bonferroni, a minimum effect);
 - a data summary: missing values, categories the train split never had, numbers outside its range;
-- with ground truth, accuracy and macro F1 of each served model version on its labelled rows,
-  against that version's test metrics (``models/<version>.json`` in the log);
+- with ground truth, accuracy and macro F1 of each served model version on its labelled rows; a
+  one-sided binomial test of the accuracy against that version's test accuracy
+  (``models/<version>.json`` in the log);
 - with shadow scoring, how often champion and challenger agree and, with ground truth, the
   accuracy of each on the same rows.
 
 Writes ``reports/monitoring/<UTC time>/`` (``report.html``: drift and data summary;
 ``quality.html``: classification on the labelled rows; ``result.json``) and the same files in
-``reports/monitoring/latest/``; ``result.json`` is a :class:`~.result.MonitorResult` (versioned
+``reports/monitoring/latest/`` (the newest ``monitor.keep_reports`` kept); each report opens with
+the gate's verdict; ``result.json`` is a :class:`~.result.MonitorResult` (versioned
 schema: ``python -m <package>.monitoring.result`` prints it). Exit code: 0 healthy, 3 drift,
 4 degraded (quality fell), 5 insufficient_data, 2 bad input (the message says what to fix);
 ``--no-fail``: 0 whatever the status, for dashboards.
@@ -27,6 +30,7 @@ schema: ``python -m <package>.monitoring.result`` prints it). Exit code: 0 healt
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import shutil
 import warnings
@@ -44,6 +48,7 @@ from ..core.fileio import atomic_write_text
 from ..core.paths import LOGGED_MODELS_DIR, REPORTS_DIR
 from ..data.prepare import DataError, Schema, load_frame
 from ..serving.predlog import FEEDBACK, PREDICTIONS, log_folder
+from . import drift
 from .result import DriftSummary, MonitorResult, RowCounts, Status
 
 PREDICTION = "prediction"  # the predicted class, as a monitored column
@@ -234,13 +239,15 @@ def log_traffic(
 
 
 def file_traffic(path: Path, schema: Schema) -> Traffic:
-    """Rows of a CSV or Parquet file: its feature columns, ``label`` as the prediction, the
-    target column as ground truth (both optional)."""
+    """Rows of a CSV or Parquet file: its feature columns; optional, ``label`` (the
+    predictions), the target column (ground truth) and ``model_version``; other columns are
+    ignored."""
+    text = {name: str for name in (schema.target, "label", "model_version")}
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, dtype={schema.target: str, "label": str})
+            frame = pd.read_csv(path, dtype=text)
     except FileNotFoundError:
         raise MonitorError(f"{path} not found") from None
     except Exception as exc:  # pandas/pyarrow parse errors have many types
@@ -252,10 +259,15 @@ def file_traffic(path: Path, schema: Schema) -> Traffic:
             f"{', '.join(absent[:10])}{', ...' if len(absent) > 10 else ''}. "
             "Fix: give a file with the train split's feature columns (data/processed/schema.json)"
         )
+    if frame.empty:
+        raise MonitorError(f"{path} has no rows")
     out = frame[schema.features].copy()
-    out[PREDICTION] = frame["label"].astype(str) if "label" in frame else None
-    if schema.target in frame:
-        out["target"] = frame[schema.target].where(frame[schema.target].notna(), None)
+    for name, column in (("label", PREDICTION), (schema.target, "target")):
+        values = frame[name] if name in frame else pd.Series(None, index=frame.index)
+        out[column] = values.astype(object).where(values.notna(), None)
+        out[column] = out[column].map(lambda v: v if v is None else str(v))
+    if "model_version" in frame:
+        out["model_version"] = frame["model_version"].astype(str)
     return Traffic(out.reset_index(drop=True), f"file {path}", {"file": str(path)})
 
 
@@ -321,28 +333,40 @@ def data_summary(current: pd.DataFrame, reference: pd.DataFrame, schema: Schema)
 def run_drift(
     current: pd.DataFrame, reference: pd.DataFrame, schema: Schema, params: MonitorParams
 ) -> tuple[Any, dict[str, dict[str, Any]]]:
-    """Evidently's drift and data summary presets; (snapshot, per-column results)."""
+    """Evidently's drift and data summary presets, each column's test and threshold set by
+    :func:`.drift.plan`; (snapshot, each column's verdict by :func:`.drift.judge`)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset, DataSummaryPreset
 
     numeric = [n for n in schema.features if schema.spec.kinds[n] == NUMERIC]
-    columns = [*schema.features, PREDICTION]
+    columns = [c for c in (*schema.features, PREDICTION) if c in current]
     definition = DataDefinition(
         numerical_columns=numeric, categorical_columns=[c for c in columns if c not in numeric]
     )
-    unknown = sorted(set(params.feature_thresholds) - set(schema.features))
-    if unknown:
-        raise MonitorError(
-            f"monitor.feature_thresholds names {', '.join(unknown)}, not features of the model: "
-            "fix params.yaml"
+    try:
+        plans = drift.plan(
+            {n: n in numeric for n in schema.features},
+            params,
+            PREDICTION if PREDICTION in columns else None,
         )
+    except ValueError as exc:
+        raise MonitorError(str(exc)) from None
+    empty = [c for c in columns if current[c].isna().all()]
+    if empty:
+        raise MonitorError(
+            f"{', '.join(empty[:10])}: no values in the window (every row empty): the rows "
+            "cannot be judged; fix what writes them"
+        )
+    drift.register_tests()
     report = Report(
         [
             DataDriftPreset(
                 columns=columns,
-                drift_share=params.drift_share,
-                threshold=params.drift_threshold,
-                per_column_threshold=dict(params.feature_thresholds) or None,
+                # The preset's dataset verdict: drift when any column fails its test, as close
+                # to the gate's own decision as the preset can say it (the gate's comes first).
+                drift_share=min(1.0, 0.5 / len(columns)),
+                per_column_method={c: plans[c].method for c in columns},
+                per_column_threshold={c: plans[c].threshold for c in columns},
             ),
             DataSummaryPreset(columns=columns),
         ],
@@ -354,58 +378,80 @@ def run_drift(
             Dataset.from_pandas(current, data_definition=definition),
             Dataset.from_pandas(reference, data_definition=definition),
         )
-    return snapshot, _drift_results(snapshot.dict())
+    scores = _drift_scores(snapshot.dict())
+    used = {c: plans[c] for c in columns}
+    return snapshot, drift.judge(reference, current, used, scores)
 
 
-def _drift_results(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each column's drift score, test, threshold and Evidently's verdict, from a snapshot."""
-    columns: dict[str, dict[str, Any]] = {}
-    for metric in result["metrics"]:
-        config = metric["config"]
-        if config.get("type") == "evidently:metric_v2:ValueDrift":
-            columns[config["column"]] = {
-                "score": float(metric["value"]),
-                "method": config["method"],
-                "threshold": float(config["threshold"]),
-            }
-    for test in result["tests"]:
-        params = test.get("metric_config", {}).get("params", {})
-        if params.get("type") == "evidently:metric_v2:ValueDrift":
-            columns[params["column"]]["drifted"] = test["status"] == "FAIL"
-    return columns
+def _drift_scores(result: dict[str, Any]) -> dict[str, float]:
+    """Each column's drift score (a p-value: the methods are ours), from a snapshot."""
+    return {
+        metric["config"]["column"]: float(metric["value"])
+        for metric in result["metrics"]
+        if metric["config"].get("type") == "evidently:metric_v2:ValueDrift"
+    }
+
+
+def accuracy_p_value(correct: int, rows: int, floor: float) -> float:
+    """One-sided exact binomial test: the chance of ``correct`` or fewer right answers in
+    ``rows`` if the accuracy were ``floor``; small means the accuracy is below it."""
+    from scipy.stats import binom
+
+    return float(binom.cdf(correct, rows, floor)) if floor > 0 else 1.0
 
 
 def quality(traffic: Traffic, cards: dict[str, dict], params: MonitorParams) -> dict[str, Any]:
-    """Accuracy and macro F1 of each served version on its labelled rows, against its test
-    metrics; ``degraded`` when a version with enough rows fell by more than allowed."""
-    from sklearn.metrics import accuracy_score, f1_score
+    """Accuracy and macro F1 of each served version on its labelled rows; ``degraded`` when a
+    version with enough rows is, by a one-sided binomial test, less accurate than its test
+    accuracy minus ``max_accuracy_drop``."""
+    from sklearn.metrics import f1_score
 
     labelled = traffic.labelled
     versions: dict[str, Any] = {}
-    groups = (
-        labelled.groupby("model_version") if "model_version" in labelled else [("file", labelled)]
-    )
+    groups = labelled.groupby("model_version") if "model_version" in labelled else []
+    if "model_version" not in labelled and len(labelled):
+        groups = [(_only(cards), labelled)]
     for version, rows in groups:
         y, pred = rows["target"].astype(str), rows[PREDICTION].astype(str)
-        entry: dict[str, Any] = {"rows": len(rows)}
-        entry["accuracy"] = float(accuracy_score(y, pred))
+        correct = int((y == pred).sum())
+        entry: dict[str, Any] = {"rows": len(rows), "accuracy": correct / len(rows)}
         entry["f1"] = float(f1_score(y, pred, average="macro", zero_division=0))
         test = (cards.get(str(version)) or {}).get("test_metrics") or {}
         entry |= {f"test_{k}": test[k] for k in ("accuracy", "f1") if k in test}
         judged = len(rows) >= params.min_labelled_rows and "test_accuracy" in entry
         entry["judged"] = judged
-        entry["degraded"] = judged and (
-            entry["test_accuracy"] - entry["accuracy"] > params.max_accuracy_drop
-            or entry.get("test_f1", 0.0) - entry["f1"] > params.max_f1_drop
-        )
-        if not judged:
+        entry["degraded"] = False
+        if judged:
+            floor = max(0.0, entry["test_accuracy"] - params.max_accuracy_drop)
+            entry["accuracy_floor"] = floor
+            entry["p_value"] = accuracy_p_value(correct, len(rows), floor)
+            entry["degraded"] = entry["p_value"] < params.quality_alpha
+        elif len(rows) < params.min_labelled_rows:
             entry["why_not_judged"] = (
                 f"{len(rows)} labelled rows < monitor.min_labelled_rows {params.min_labelled_rows}"
-                if len(rows) < params.min_labelled_rows
-                else f"no test metrics for v{version} (models/{version}.json in the log)"
+            )
+        elif version == "file" and not cards:
+            entry["why_not_judged"] = (
+                "no test metrics to judge against: the prediction log describes no model "
+                "version (models/<version>.json); point --log-dir at the served model's log"
+            )
+        elif version == "file":
+            entry["why_not_judged"] = (
+                f"which model made the file's predictions? The prediction log describes "
+                f"{len(cards)} versions: add a model_version column"
+            )
+        else:
+            entry["why_not_judged"] = (
+                f"no test metrics for v{version} (models/{version}.json in the prediction log)"
             )
         versions[str(version)] = entry
     return {"labelled_rows": len(labelled), "versions": versions}
+
+
+def _only(cards: dict[str, dict[str, Any]]) -> str:
+    """The version a file without a model_version column is judged against: the only one the
+    prediction log describes (with several, it cannot tell which made the predictions)."""
+    return next(iter(cards)) if len(cards) == 1 else "file"
 
 
 def shadow_comparison(traffic: Traffic) -> dict[str, Any] | None:
@@ -435,21 +481,28 @@ def decide(
     rows: int, drift: dict[str, dict[str, Any]], features: Sequence[str], qual: dict[str, Any],
     params: MonitorParams,
 ) -> tuple[Status, list[str], list[str]]:  # fmt: skip
-    """(status, reasons, drifted features): insufficient_data before degraded before drift."""
+    """(status, reasons, drifted features): insufficient_data before degraded before drift.
+    Drift: any important (weighted) feature drifts, at least ``drift_share`` of all features
+    do, or the predicted classes do."""
     if rows < params.min_rows:
         return "insufficient_data", [f"{rows} rows < monitor.min_rows {params.min_rows}"], []
     drifted = [name for name in features if drift.get(name, {}).get("drifted")]
+    important = [name for name in drifted if drift[name].get("important", True)]
     degraded = [v for v, entry in qual["versions"].items() if entry["degraded"]]
     reasons = []
     for version in degraded:
         e = qual["versions"][version]
-        test_f1 = e.get("test_f1", float("nan"))
         reasons.append(
-            f"v{version} on {e['rows']} labelled rows: accuracy {e['accuracy']:.3f} (test "
-            f"{e['test_accuracy']:.3f}), F1 {e['f1']:.3f} (test {test_f1:.3f})"
+            f"v{version} on {e['rows']} labelled rows: accuracy {e['accuracy']:.3f} is below "
+            f"{e['accuracy_floor']:.3f} (test {e['test_accuracy']:.3f} - "
+            f"monitor.max_accuracy_drop; binomial p = {e['p_value']:.2g})"
         )
+    if important:
+        named = ", ".join(_drift_text(name, drift[name]) for name in important[:5])
+        more = f" and {len(important) - 5} more" if len(important) > 5 else ""
+        reasons.append(f"{len(important)} important feature(s) drift: {named}{more}")
     share = len(drifted) / len(features) if features else 0.0
-    if share >= params.drift_share:
+    if share >= params.drift_share and len(drifted) > len(important):
         reasons.append(
             f"{len(drifted)} of {len(features)} features drift (share {share:.2f} >= "
             f"monitor.drift_share {params.drift_share:g})"
@@ -459,6 +512,12 @@ def decide(
     if degraded:
         return "degraded", reasons, drifted
     return ("drift" if reasons else "healthy"), reasons, drifted
+
+
+def _drift_text(name: str, entry: dict[str, Any]) -> str:
+    if "score" not in entry:
+        return name
+    return f"{name} (p = {entry['score']:.2g}, effect {entry['effect']:.2f})"
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -493,17 +552,62 @@ def classification_report(traffic: Traffic, classes: list[str]) -> Any | None:
         )
 
 
+STAMP = "%Y%m%dT%H%M%S%fZ"  # a report folder's name: its UTC time
+
+
+def verdict_banner(result: MonitorResult) -> str:
+    """The gate's own verdict, as HTML: the first thing each report shows (Evidently's
+    per-test verdicts below it know nothing of the weights, effect sizes or quality test)."""
+    colour = {"healthy": "#1b7f3b", "insufficient_data": "#8a6d00"}.get(result.status, "#b3261e")
+    reasons = "".join(f"<li>{html.escape(r)}</li>" for r in result.reasons) or "<li>-</li>"
+    return (
+        f'<section id="monitor-verdict" style="font-family:sans-serif;margin:16px;padding:12px '
+        f'16px;border-left:8px solid {colour};background:#f6f6f6">'
+        f'<h1 style="margin:0;color:{colour}">Monitoring gate: {result.status.upper()}</h1>'
+        f"<p>{html.escape(result.source)}: {result.rows.current} rows, "
+        f"{result.rows.labelled} labelled; reference: {result.rows.reference} rows. This is the "
+        "status CI acts on (result.json); the tests below are Evidently's, per column.</p>"
+        f"<ul>{reasons}</ul></section>"
+    )
+
+
+def _save_html(snapshot: Any, path: Path, banner: str) -> None:
+    snapshot.save_html(str(path))
+    text = path.read_text(encoding="utf-8")
+    at = text.find(">", text.find("<body")) + 1 if "<body" in text else 0
+    atomic_write_text(path, text[:at] + banner + text[at:])
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` report folders (``latest/`` stays); those removed."""
+    folders = []
+    for path in root.iterdir() if root.is_dir() else []:
+        try:
+            datetime.strptime(path.name, STAMP)
+        except ValueError:
+            continue  # latest/, staging folders, anything a person put there
+        folders.append(path)
+    old = sorted(folders)[:-keep]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
+
+
 def write_outputs(
-    result: MonitorResult, snapshots: dict[str, Any], root: Path = REPORTS_DIR
+    result: MonitorResult, snapshots: dict[str, Any], root: Path = REPORTS_DIR, keep: int = 30
 ) -> Path:
-    """``<root>/<UTC time>/`` with the HTML reports and result.json; ``latest/`` replaced."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    """``<root>/<UTC time>/`` with the HTML reports and result.json; ``latest/`` replaced; the
+    newest ``keep`` folders kept."""
+    stamp = datetime.now(UTC).strftime(STAMP)
     folder = root / stamp
     folder.mkdir(parents=True, exist_ok=True)
     for name, snapshot in snapshots.items():
         if snapshot is not None:
-            snapshot.save_html(str(folder / name))
             result.reports[name.removesuffix(".html")] = name
+    banner = verdict_banner(result)
+    for name, snapshot in snapshots.items():
+        if snapshot is not None:
+            _save_html(snapshot, folder / name, banner)
     atomic_write_text(folder / "result.json", result.to_json())
     latest, staging = root / "latest", root / f".latest-{stamp}"
     shutil.copytree(folder, staging)
@@ -512,6 +616,7 @@ def write_outputs(
         latest.rename(old)
     staging.rename(latest)
     shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep)
     return folder
 
 
@@ -528,12 +633,14 @@ def print_summary(result: MonitorResult, folder: Path) -> None:
     features = result.drift.features
     if features:
         order = sorted(features.items(), key=lambda kv: (not kv[1].get("drifted"), kv[0]))
-        print(f"  {'column':<28} {'test':<22} {'score':>9} {'threshold':>9}  drift")
+        print(f"  {'column':<28} {'test':<17} {'p-value':>9} {'threshold':>9} {'effect':>7}  drift")
         for name, entry in order[:SHOWN]:
-            flag = "yes" if entry.get("drifted") else "no"
+            flag = "no"
+            if entry.get("drifted"):
+                flag = "yes" if entry.get("important", True) else "yes (weight 0)"
             print(
-                f"  {name[:28]:<28} {entry['method'][:22]:<22} {entry['score']:>9.4f} "
-                f"{entry['threshold']:>9.4f}  {flag}"
+                f"  {name[:28]:<28} {entry['method'][:17]:<17} {entry['score']:>9.2g} "
+                f"{entry['threshold']:>9.2g} {entry['effect']:>7.3f}  {flag}"
             )
         if len(order) > SHOWN:
             print(f"  ... {len(order) - SHOWN} more in result.json")
@@ -574,7 +681,7 @@ def monitor(
     else:
         assert log_dir is not None
         traffic = log_traffic(log_dir, schema, params, since, last)
-    cards = model_cards(log_dir if current_file is None else None)
+    cards = model_cards(log_dir)  # each served version's test metrics, for --current too
     frame = traffic.frame
     versions = (
         frame["model_version"].astype(str).value_counts().sort_index().to_dict()
@@ -583,7 +690,7 @@ def monitor(
     )
     snapshots: dict[str, Any] = {}
     qual = quality(traffic, cards, params)
-    drift: dict[str, dict[str, Any]] = {}
+    verdicts: dict[str, dict[str, Any]] = {}
     summary: dict[str, Any] = {}
     if len(frame) >= params.min_rows:
         reference = reference_raw.assign(**{PREDICTION: reference_raw[schema.target].astype(str)})
@@ -595,10 +702,12 @@ def monitor(
         if current_typed[PREDICTION].isna().all():  # a file without predictions
             current_typed = current_typed.drop(columns=PREDICTION)
             reference_typed = reference_typed.drop(columns=PREDICTION)
-        snapshots["report.html"], drift = run_drift(current_typed, reference_typed, schema, params)
+        snapshots["report.html"], verdicts = run_drift(
+            current_typed, reference_typed, schema, params
+        )
         summary = data_summary(current_typed, reference_typed, schema)
         snapshots["quality.html"] = classification_report(traffic, schema.classes)
-    status, reasons, drifted = decide(len(frame), drift, schema.features, qual, params)
+    status, reasons, drifted = decide(len(frame), verdicts, schema.features, qual, params)
     if status == "insufficient_data" and len(frame) == 0:
         reasons = [f"no rows in the window ({_window_text(traffic.window)})"]
     result = MonitorResult(
@@ -611,16 +720,16 @@ def monitor(
         model_versions=versions,
         thresholds=params.model_dump(),
         drift=DriftSummary(
-            features={n: drift[n] for n in schema.features if n in drift},
+            features={n: verdicts[n] for n in schema.features if n in verdicts},
             drifted_features=drifted,
-            share=len(drifted) / len(schema.features) if drift else None,
-            prediction=drift.get(PREDICTION),
+            share=len(drifted) / len(schema.features) if verdicts else None,
+            prediction=verdicts.get(PREDICTION),
         ),
         data_summary=summary,
         quality=qual,
         shadow=shadow_comparison(traffic),
     )
-    folder = write_outputs(result, snapshots)
+    folder = write_outputs(result, snapshots, keep=params.keep_reports)
     return result, folder
 
 

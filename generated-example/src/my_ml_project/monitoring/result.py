@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 # Bump on any change a reader could notice (a field renamed, removed, or of another type).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: drift entries hold p-values, effects, weights; quality a binomial test
 Status = Literal["healthy", "drift", "degraded", "insufficient_data"]
 
 
@@ -27,7 +27,8 @@ class RowCounts:
 
 @dataclass
 class DriftSummary:
-    features: dict[str, dict[str, Any]] = field(default_factory=dict)  # column -> test, score
+    # column -> method, score (p-value), threshold, effect, min_effect, weight, important, drifted
+    features: dict[str, dict[str, Any]] = field(default_factory=dict)
     drifted_features: list[str] = field(default_factory=list)
     share: float | None = None  # drifted features / all features (None: not tested)
     prediction: dict[str, Any] | None = None  # drift of the predicted classes
