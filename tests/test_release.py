@@ -174,8 +174,9 @@ def pod_template(docs: list[dict]) -> dict:
 
 
 def service_timeout(project: Path) -> float:
-    """traffic.timeout of the @bentoml.service decorator in service.py (its drain bound)."""
-    tree = ast.parse((project / "src" / PACKAGE / "service.py").read_text(encoding="utf-8"))
+    """traffic.timeout of the @bentoml.service decorator in serving/service.py (the drain bound)."""
+    source = project / "src" / PACKAGE / "serving" / "service.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "traffic":
             return ast.literal_eval(node.value)["timeout"]
