@@ -45,7 +45,7 @@ from ..core.paths import (
     module,
 )
 from ..core.paths import SOURCE_DIR as SRC
-from .contract import torch_backend
+from .contract import ServeSettings, torch_backend
 from .predlog import log_folder
 
 SERVICE = f"{module('serving.service')}:Predictor"
@@ -368,8 +368,13 @@ def push_image(engine: str, image: str) -> None:
 
 
 def serve(host: str, port: int, reload: bool) -> None:
-    """Replace this process with ``bentoml serve`` (signals reach it directly: no orphans)."""
+    """Replace this process with ``bentoml serve`` (signals reach it directly: no orphans);
+    DeployError, before anything starts, for a non-loopback ``host`` with no token."""
     import bentoml
+
+    refused = ServeSettings.from_env().exposure_error(host)
+    if refused:
+        raise DeployError(refused)
 
     if reload:
         target = [SERVICE, "--working-dir", str(SRC), "--reload"]
@@ -380,6 +385,7 @@ def serve(host: str, port: int, reload: bool) -> None:
             raise DeployError("no Bento built yet: run `nox -s deploy` first") from None
     # Resolved here: bentoml serve runs the service from the Bento's folder.
     os.environ[PREDICTION_LOG_ENV] = str(log_folder().resolve())
+    os.environ["SERVE_BIND_HOST"] = host  # a Host header naming the address is accepted
     command = ["bentoml", "serve", *target, "--host", host, "--port", str(port)]
     os.execvp(command[0], command)
 
