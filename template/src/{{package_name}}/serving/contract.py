@@ -70,6 +70,8 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     log_dir: Path = PREDICTION_LOG_DIR
     log_enabled: bool = True
+    log_max_pending: int = 100_000
+    log_stuck_s: int = 30
     workers: int = 1
     token: str | None = None
     feedback_token: str | None = None
@@ -81,7 +83,9 @@ class ServeSettings:
     @classmethod
     def from_env(cls, environ: MutableMapping[str, str] | None = None) -> ServeSettings:
         """SERVE_MAX_ROWS, SERVE_MAX_BODY_BYTES, SERVE_WORKERS, PREDICTION_LOG_DIR,
-        PREDICTION_LOG (``off`` disables it), SERVICE_API_TOKEN (``/predict`` and the OpenAPI
+        PREDICTION_LOG (``off`` disables it), SERVE_LOG_MAX_PENDING (lines buffered while
+        writes fail), SERVE_LOG_STUCK_S (seconds of failing writes before /readyz fails),
+        SERVICE_API_TOKEN (``/predict`` and the OpenAPI
         page), SERVICE_FEEDBACK_TOKEN (``/feedback``), SERVE_FEEDBACK_OPEN (``yes``: feedback
         without a token), SERVE_ALLOW_OPEN (``yes``: serve a non-loopback address with no
         token), SERVE_BIND_HOST (the address served, as ``nox -s serve`` passes it on),
@@ -93,6 +97,8 @@ class ServeSettings:
             max_body_bytes=_int_env(env, "SERVE_MAX_BODY_BYTES", cls.max_body_bytes),
             log_dir=Path(env.get(PREDICTION_LOG_ENV) or cls.log_dir),
             log_enabled=env.get("PREDICTION_LOG", "on").strip().lower() not in OFF,
+            log_max_pending=_int_env(env, "SERVE_LOG_MAX_PENDING", cls.log_max_pending),
+            log_stuck_s=_int_env(env, "SERVE_LOG_STUCK_S", cls.log_stuck_s),
             workers=_int_env(env, "SERVE_WORKERS", cls.workers),
             token=env.get("SERVICE_API_TOKEN") or None,
             feedback_token=env.get("SERVICE_FEEDBACK_TOKEN") or None,

@@ -146,7 +146,11 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             self.log = None
             if SETTINGS.log_enabled:
                 self.log = PredictionLog(
-                    SETTINGS.log_dir, categorical=SPEC.categorical, on_count=count_log
+                    SETTINGS.log_dir,
+                    categorical=SPEC.categorical,
+                    max_pending=SETTINGS.log_max_pending,
+                    stuck_s=SETTINGS.log_stuck_s,
+                    on_count=count_log,
                 )
                 for name in COUNTS:  # each counter shows from the start, at 0
                     LOG_COUNTS.labels(outcome=name)
