@@ -42,6 +42,7 @@ ARTIFACT_DIR = "mlartifacts"
 PREDICTION_LOG_ENV = "PREDICTION_LOG_DIR"
 PREDICTION_LOG_DIR = Path("logs/predictions")
 LOGGED_MODELS_DIR = "models"  # inside the prediction log: each served version's test metrics
+REQUEST_INDEX = "requests.sqlite"  # inside the prediction log: request id -> rows, for /feedback
 DEPLOYMENT_FILE = "deployment.json"  # in the Bento: the served and shadow model tags
 SOURCE_DIR = Path("src")
 BUILD_DIR = Path("build")

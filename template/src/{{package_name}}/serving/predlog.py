@@ -16,6 +16,12 @@ Records (one line each):
 - feedback: ``{"ts", "request_id", "labels": [true class of each row, in row order]}``.
 - ``<folder>/models/<version>.json``: what the service knows of each model it served (classes,
   feature kinds, test metrics), so the log describes itself to the monitor.
+- ``<folder>/requests.sqlite``: the index of the requests written (id, rows, day; the last
+  31 days), shared by the workers: ``/feedback`` looks a request up there in one query, whatever
+  the log's size.
+- ``<folder>/date=YYYY-MM-DD/rejects-<pid>.jsonl``: ``{"ts", "request_id", "kind", "row",
+  "reason"}`` for each record that could not be encoded (a non-finite number), never written
+  to the log itself.
 """
 
 from __future__ import annotations
@@ -24,17 +30,19 @@ import errno
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ..core.features import category_label
 from ..core.fileio import atomic_write_text
-from ..core.paths import LOGGED_MODELS_DIR, PREDICTION_LOG_DIR, PREDICTION_LOG_ENV
+from ..core.paths import LOGGED_MODELS_DIR, PREDICTION_LOG_DIR, PREDICTION_LOG_ENV, REQUEST_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ PREDICTIONS, FEEDBACK, REJECTS = "predictions", "feedback", "rejects"
 # encoded (written to the rejects file instead).
 COUNTS = ("written", "dropped", "write_errors", "rejected")
 CHUNK_BYTES = 1 << 20  # the most one write call carries
+INDEX_DAYS = 31  # how long /feedback can name a request
 
 
 def log_folder(explicit: Path | None = None) -> Path:
@@ -91,6 +100,8 @@ class PredictionLog:
         self._pending: deque[tuple[str, str, tuple[Any, ...], int]] = deque()
         self._rows = 0
         self._out: deque[_Line] = deque()
+        self._indexed: list[tuple[str, int, str]] = []  # (request id, rows, day) to index
+        self._pruned = ""  # the day the index was last pruned
         self._lock = threading.Lock()  # the pending records and the counts
         self._writing = threading.Lock()  # the encoded lines: the thread or close(), not both
         self._stop = threading.Event()
@@ -163,10 +174,18 @@ class PredictionLog:
         with self._writing:
             with self._lock:
                 batch, self._pending, self._rows = self._pending, deque(), 0
-            for kind, ts, item, _ in batch:
+            for kind, ts, item, size in batch:
                 self._encode(kind, ts, item)
+                if kind == PREDICTIONS:
+                    self._indexed.append((item[0], size, ts[:10]))
             self._bound()
-            return self._write()
+            # Indexed once written: an id the index knows has its lines on disk.
+            if not (self._write() and self._index()):
+                return False
+            if self._failing_since is not None:
+                logger.warning("prediction log: writing again (%d lines dropped)", self.dropped)
+                self._failing_since = None
+            return True
 
     def _encode(self, kind: str, ts: str, item: tuple[Any, ...]) -> None:
         pid, request_id = os.getpid(), item[0]
@@ -182,6 +201,7 @@ class PredictionLog:
 
     def _bound(self) -> None:
         """Drop the oldest encoded lines past ``max_pending`` (a line half written stays)."""
+        del self._indexed[: -self.max_pending]
         dropped = 0
         while len(self._out) > self.max_pending:
             if self._out[0].done:
@@ -214,9 +234,31 @@ class PredictionLog:
                 self._failed(path, exc)
                 return False
             self._advance(written)
-        if self._failing_since is not None:
-            logger.warning("prediction log: writing again (%d lines dropped so far)", self.dropped)
-            self._failing_since = None
+        return True
+
+    def _index(self) -> bool:
+        """Add the written requests to the index (SQLite, shared by the workers); prune it of
+        days older than INDEX_DAYS once a day. False when it cannot be written."""
+        if not self._indexed:
+            return True
+        path, today = self.folder / REQUEST_INDEX, self._indexed[-1][2]
+        try:
+            with closing(sqlite3.connect(path, timeout=10)) as db, db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS requests"
+                    " (request_id TEXT PRIMARY KEY, rows INTEGER NOT NULL, day TEXT NOT NULL)"
+                )
+                db.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?)", self._indexed)
+                if today != self._pruned:
+                    cutoff = datetime.fromisoformat(today).toordinal() - INDEX_DAYS
+                    day = datetime.fromordinal(cutoff).date().isoformat()
+                    db.execute("DELETE FROM requests WHERE day < ?", (day,))
+        except sqlite3.Error as exc:
+            self._failed(path, OSError(errno.EIO, f"{type(exc).__name__}: {exc}"))
+            return False
+        self._pruned = today
+        self._indexed.clear()
         return True
 
     def _advance(self, written: int) -> None:
@@ -303,16 +345,14 @@ def _encoded(record: dict[str, Any]) -> str | Exception:
         return exc
 
 
-def count_rows(folder: str | Path, request_id: str, days: int = 31) -> int:
-    """How many rows the log holds for ``request_id`` (0: none), newest days first.
-
-    For feedback on a request another worker answered: a byte search of the day files (no JSON
-    parsing), as the log is written (``"request_id": "<id>"``, json.dumps' separators).
-    """
-    needle = json.dumps({"request_id": request_id})[1:-1].encode()
-    partitions = sorted(Path(folder).glob("date=*"), reverse=True)[:days]
-    for partition in partitions:
-        found = sum(p.read_bytes().count(needle) for p in partition.glob(f"{PREDICTIONS}-*.jsonl"))
-        if found:
-            return found
-    return 0
+def count_rows(folder: str | Path, request_id: str) -> int:
+    """How many rows the log holds for ``request_id`` (0: none it knows of), from its index:
+    one lookup whatever the log's size (for feedback on a request another worker answered)."""
+    path = Path(folder) / REQUEST_INDEX
+    if not path.exists():
+        return 0
+    with closing(sqlite3.connect(path, timeout=10)) as db:
+        found = db.execute(
+            "SELECT rows FROM requests WHERE request_id = ?", (request_id,)
+        ).fetchone()
+    return int(found[0]) if found else 0
