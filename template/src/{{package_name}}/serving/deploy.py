@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -112,13 +114,83 @@ def _listed(lister: Any) -> list[Any]:
         return []
 
 
+# How the image's installer (uv) must read the requirements: from every index, the best match
+# (its default takes a package from the first index listing it: PyTorch's lists numpy, jinja2...).
+INSTALLER_ENV = {"UV_INDEX_STRATEGY": "unsafe-best-match"}
+# The platform a Bento's image runs on, for the lock's environment markers.
+IMAGE_PLATFORM = {
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+}
+
+
 def _requirements(folder: Path) -> Path:
-    """requirements.txt from uv.lock (no resolution), torch from the accelerator's index."""
-    out = _export("--no-hashes", "--no-header")
+    """requirements.txt of the serving closure: the packages the service's modules import and
+    what they need, at uv.lock's versions (no resolution); torch pinned to the accelerator's
+    build (``2.9.1+cpu``), from its index."""
+    locked = serving_closure()
+    lines = [f"{name}=={version}" for name, version in sorted(locked.items()) if name != "torch"]
     path = folder / "bento-requirements.txt"
-    text = f"--extra-index-url {_torch_index()}\n{out}torch=={_torch_version()}\n"
-    path.write_text(text, encoding="utf-8")
+    text = "\n".join([f"--extra-index-url {_torch_index()}", *lines, f"torch=={_torch_pin()}"])
+    path.write_text(text + "\n", encoding="utf-8")
     return path
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def serving_closure(lock_file: Path | None = None) -> dict[str, str]:
+    """{package: version} of uv.lock that the service needs: the distributions of the modules it
+    imports (:func:`layout.external_imports`), then their dependencies (and the extras asked
+    for), those whose markers hold on the image's platform. torch's own dependencies are left
+    to its index (the accelerator's build has its own)."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.markers import Marker
+
+    lock = tomllib.loads((lock_file or SRC.parent / "uv.lock").read_text(encoding="utf-8"))
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for package in lock["package"]:
+        entries.setdefault(_normal(package["name"]), []).append(package)
+    owners = packages_distributions()
+    todo: list[tuple[str, tuple[str, ...], str | None]] = [
+        (_normal(dist), (), None)
+        for module in layout.external_imports("serving.service")
+        for dist in owners.get(module, [module])
+    ]
+    python = {"python_version": _python(), "python_full_version": f"{_python()}.0"}
+    platform = {**IMAGE_PLATFORM, **python, "platform_machine": os.uname().machine}
+    chosen: dict[str, tuple[dict[str, Any], set[str]]] = {}
+    while todo:
+        name, extras, version = todo.pop()
+        candidates = [e for e in entries.get(name, []) if version in (None, e["version"])]
+        # A package locked at several versions (a fork by Python version): the image's.
+        forks = [e for e in candidates if _holds(e.get("resolution-markers"), platform)]
+        if not candidates:
+            continue
+        entry = (forks or candidates)[0]
+        new = name not in chosen
+        _, seen = chosen.setdefault(name, (entry, set()))
+        wanted = set(extras) - seen
+        seen |= wanted
+        deps = list(entry.get("dependencies", [])) if new and name != "torch" else []
+        for extra in sorted(wanted):
+            deps += entry.get("optional-dependencies", {}).get(extra, [])
+        for dep in deps:
+            if "marker" not in dep or Marker(dep["marker"]).evaluate(platform):
+                todo.append((_normal(dep["name"]), tuple(dep.get("extra", ())), dep.get("version")))
+    return {name: entry["version"] for name, (entry, _) in chosen.items() if "version" in entry}
+
+
+def _holds(markers: list[str] | None, platform: dict[str, str]) -> bool:
+    """Whether any of a lock entry's resolution markers holds on ``platform`` (none: it does)."""
+    from packaging.markers import Marker
+
+    return not markers or any(Marker(marker).evaluate(platform) for marker in markers)
 
 
 def _torch_version() -> str:
@@ -135,6 +207,14 @@ def _torch_index() -> str:
     return PYTORCH_INDEX.format(backend if backend.startswith("cu") else "cpu")
 
 
+def _torch_pin() -> str:
+    """The torch release with the accelerator's build as its local version (``2.9.1+cpu``):
+    only that build's index has it, so no installer can take another index's torch."""
+    backend = torch_backend()
+    build = backend if backend.startswith("cu") else "cpu"
+    return f"{_torch_version()}+{build}"
+
+
 def _export(*args: str) -> str:
     """``uv export`` of uv.lock's runtime packages (no resolution, no dev group)."""
     command = ["uv", "export", "--frozen", "--no-dev", "--no-emit-project", *args]
@@ -148,15 +228,15 @@ def _export(*args: str) -> str:
 def write_sbom(bento: Any, folder: Path = SBOM_DIR) -> Path:
     """A CycloneDX 1.5 SBOM of the Python packages the Bento ships, from uv.lock.
 
-    uv's export of the lock, kept to what the Bento's requirements pin: the runtime packages,
+    uv's export of the lock, kept to what the Bento's requirements pin: the serving closure,
     and torch at the version pinned, with the build and index it comes from (PyPI's files and
     hashes for torch are not what ships). The packages torch brings from that index when the
     image is built are not pinned by the lock, so not listed: scan the image for those.
     """
     preview = ("--preview-features", "sbom-export", "--format", "cyclonedx1.5")
     bom = json.loads(_export(*preview, "--extra", "torch"))
-    pinned = {c["name"] for c in json.loads(_export(*preview))["components"]} | {"torch"}
-    kept = [c for c in bom["components"] if c["name"] in pinned]
+    pinned = set(serving_closure()) | {"torch"}
+    kept = [c for c in bom["components"] if _normal(c["name"]) in pinned]
     refs = {c["bom-ref"] for c in kept} | {bom["metadata"]["component"]["bom-ref"]}
     for component in kept:
         if component["name"] == "torch":
@@ -189,6 +269,7 @@ def build_bento(model: Any, shadow: Any = None) -> Any:
     """The Bento of the service with ``model`` (and the ``shadow`` model, scored beside it);
     an existing one when nothing changed."""
     import bentoml
+    from bentoml._internal.bento.build_config import BentoEnvSchema  # what build() takes
 
     models = {"model": str(model.tag), "shadow": str(shadow.tag) if shadow else None}
     source = _source_hash(models)
@@ -196,7 +277,7 @@ def build_bento(model: Any, shadow: Any = None) -> Any:
         if bento.info.labels.get("source") == source:
             return bento
     cuda = torch_backend().startswith("cu")
-    docker: dict[str, Any] = {"env": {"TORCH_BACKEND": torch_backend()}}
+    docker: dict[str, Any] = {"env": {"TORCH_BACKEND": torch_backend(), **INSTALLER_ENV}}
     docker |= {"base_image": CUDA_IMAGE} if cuda else {"python_version": _python()}
     # BentoML reads these files only inside build_ctx: written there for the build, then removed.
     requirements = _requirements(SRC)
@@ -211,6 +292,8 @@ def build_bento(model: Any, shadow: Any = None) -> Any:
             include=_included(deployment),
             python={"requirements_txt": requirements.name, "lock_packages": False},
             docker=docker,
+            # Set before the image installs the requirements (and in the running image).
+            envs=[BentoEnvSchema(name=k, value=v, stage="build") for k, v in INSTALLER_ENV.items()],
             models=[tag for tag in models.values() if tag],
         )
     finally:
