@@ -52,6 +52,7 @@ from .predlog import log_folder
 
 SERVICE = f"{module('serving.service')}:Predictor"
 PYTORCH_INDEX = "https://download.pytorch.org/whl/{}"
+GRACE_S = 25
 CUDA_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04"
 
 
@@ -469,7 +470,9 @@ def serve(host: str, port: int, reload: bool) -> None:
     # Resolved here: bentoml serve runs the service from the Bento's folder.
     os.environ[PREDICTION_LOG_ENV] = str(log_folder().resolve())
     os.environ["SERVE_BIND_HOST"] = host  # a Host header naming the address is accepted
-    command = ["bentoml", "serve", *target, "--host", host, "--port", str(port)]
+    # SIGTERM: requests in flight get this long to finish (Kubernetes waits 30 s, then kills).
+    grace = ["--timeout-graceful-shutdown", str(GRACE_S)]
+    command = ["bentoml", "serve", *target, "--host", host, "--port", str(port), *grace]
     os.execvp(command[0], command)
 
 

@@ -38,6 +38,7 @@ from ..model.network import load_model, predict_frame
 from .contract import (
     REQUEST_ID,
     Batcher,
+    Drain,
     FeedbackError,
     Guard,
     InputError,
@@ -168,10 +169,16 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
                 )
                 self.log.describe(self.shadow_version, model_card(stored))
             self._tasks: set[asyncio.Task] = set()
+            self.drain = Drain()
+            if not self.drain.install():
+                logger.warning("SIGTERM: the server's own stop (no graceful drain here)")
             gc.freeze()  # the models and the imports: out of every later collection
 
         def __is_ready__(self) -> bool:
-            """/readyz: 503 while the prediction log's writer is dead, stuck or failing."""
+            """/readyz: 503 while draining, or while the prediction log's writer is dead, stuck
+            or failing."""
+            if self.drain.draining:
+                return False
             if self.log is None:
                 return True
             ready, why = self.log.healthy()
