@@ -197,6 +197,12 @@ def test_tokens_per_route_and_the_documented_paths(deployed, row, tmp_path) -> N
             f"{url}/feedback", feedback, {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
         )
         assert (status, body) == (200, {"request_id": request_id, "recorded": 1})
+        # The README's ready request: `nox -s request` writes it from the test split.
+        deployed.nox("request", "--", "--rows", "2")
+        ready_made = json.loads((deployed.path / "build" / "request.json").read_text())
+        status, body, _ = call(f"{url}/predict", ready_made, AUTH)
+        assert status == 200, body
+        assert len(body["predictions"]) == 2
         # Every path the README's serving section names answers.
         for path in ("/healthz", "/livez", "/readyz", "/metrics"):
             assert call(f"{url}{path}")[0] == 200, path

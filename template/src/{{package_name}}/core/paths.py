@@ -48,6 +48,7 @@ SOURCE_DIR = Path("src")
 BUILD_DIR = Path("build")
 SBOM_DIR = BUILD_DIR / "sbom"
 IMAGE_ENV_FILE = BUILD_DIR / "image.env"
+EXAMPLE_REQUEST = BUILD_DIR / "request.json"  # nox -s request: a ready /predict body
 
 # Monitoring and continuous training.
 REPORTS_DIR = Path("reports/monitoring")

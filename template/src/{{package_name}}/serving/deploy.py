@@ -12,6 +12,9 @@ rebuilt.
 
 ``serve [--host H] [--port P] [--reload]``: the latest Bento in the foreground (``--reload``:
 the service from the source tree, restarted on edits).
+
+``example [--rows N]``: write a ready ``/predict`` body, the first N rows of the test split, to
+``build/request.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ..core import layout
 from ..core.config import ProjectError, cli_errors, load_params
 from ..core.paths import (
     DEPLOYMENT_FILE,
+    EXAMPLE_REQUEST,
     IMAGE_ENV_FILE,
     MODEL_NAME,
     PACKAGE,
@@ -476,6 +480,14 @@ def serve(host: str, port: int, reload: bool) -> None:
     os.execvp(command[0], command)
 
 
+def example_request(rows: int) -> dict[str, Any]:
+    """A ready ``/predict`` body: the test split's first ``rows`` rows, as JSON carries them."""
+    from ..data.prepare import load_frame
+
+    frame, schema = load_frame("test")
+    return {"rows": json.loads(frame[schema.features].head(rows).to_json(orient="records"))}
+
+
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deploy", description=__doc__.splitlines()[0])
@@ -489,7 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=3000)
     run.add_argument("--reload", action="store_true", help="serve the source tree, reload on edits")
+    show = sub.add_parser("example", help=f"write a /predict body to {EXAMPLE_REQUEST}")
+    show.add_argument("--rows", type=int, default=1, help="rows of the test split (default: 1)")
     args = parser.parse_args(argv)
+    if args.command == "example":
+        EXAMPLE_REQUEST.parent.mkdir(parents=True, exist_ok=True)
+        EXAMPLE_REQUEST.write_text(json.dumps(example_request(args.rows), indent=2) + "\n")
+        print(f"request: {EXAMPLE_REQUEST} ({args.rows} rows of the test split)")
+        return 0
     if args.command == "serve":
         serve(args.host, args.port, args.reload)
         return 0
