@@ -606,8 +606,12 @@ def _protocol_factory(server: Any) -> Callable[[], Any] | None:
 def _listening_sockets() -> list[socket.socket]:
     """A copy of each listening TCP socket this process holds (the server's, shared with its
     arbiter: shutting a copy shuts the socket)."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
+    found: list[socket.socket] = []
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # not Linux: the server's own stop applies
+        return found
+    for name in names:
         try:
             sock = socket.socket(fileno=os.dup(int(name)))
         except OSError:  # not a socket, or gone
