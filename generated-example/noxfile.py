@@ -218,6 +218,13 @@ def serve(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def request(session: nox.Session) -> None:
+    """Write a ready /predict body from the test split to build/request.json (`-- --rows N`)."""
+    env = project_env(session)
+    run(session, "python", "-m", f"{PACKAGE}.serving.deploy", "example", *session.posargs, env=env)
+
+
+@nox.session(default=False)
 def audit(session: nox.Session) -> None:
     """Check uv.lock against the OSV advisory database (audit-ignore.toml: accepted advisories).
 

@@ -47,7 +47,7 @@ def served(pristine: Project, tmp_path_factory: pytest.TempPathFactory) -> Itera
     project.set_params(serve={"shadow": True})
     deployed = project.nox("deploy")
     assert "shadow scoring: challenger v2" in deployed.stdout, deployed.stdout
-    proc, url = start_service(project)
+    proc, url = start_service(project, SERVE_FEEDBACK_OPEN="yes")  # no token on loopback
     yield Served(project, url, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)

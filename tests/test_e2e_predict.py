@@ -83,7 +83,8 @@ def batch(trained: Project, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     output = folder / "scored.parquet"
     result = trained.nox("predict", "--", "--input", str(folder / "rows.parquet"),
                          "--output", str(output), "--no-progress")  # fmt: skip
-    assert "0 rejected" in result.stdout
+    assert "none rejected" in result.stdout
+    assert not output.with_name(f"{output.name}.rejects.csv").exists(), "an empty rejects file"
     return folder, output
 
 

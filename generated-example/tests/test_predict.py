@@ -93,6 +93,22 @@ def test_bad_rows_go_to_the_rejects_file_with_number_and_reason(
     assert score(model_file, source, output, "--keep", "id", "--allow-rejects") == 0
 
 
+def test_clean_input_leaves_no_rejects_file_and_no_progress_noise(
+    model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, output = tmp_path / "in.csv", tmp_path / "out.csv"
+    rows(20).to_csv(source, index=False)
+    stale = tmp_path / "out.csv.rejects.csv"
+    stale.write_text("row,reason\n4,from an earlier run\n")
+    argv = ["--input", str(source), "--output", str(output), "--model-file", str(model_file)]
+    assert predict.main(argv) == 0  # progress left on: stderr is no terminal here
+    out = capsys.readouterr()
+    assert "20 rows scored" in out.out
+    assert "none rejected" in out.out
+    assert out.err == ""
+    assert not stale.exists()
+
+
 def test_unusable_input_is_one_error_line(
     model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

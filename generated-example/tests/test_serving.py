@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
@@ -13,12 +20,16 @@ from my_ml_project.core.features import FeatureSpec
 from my_ml_project.serving.contract import (
     Batcher,
     FeedbackError,
+    Guard,
     RecentRequests,
     ServeSettings,
+    blame,
     feedback_labels,
+    overflow_errors,
     rows_type,
 )
-from my_ml_project.serving.predlog import PredictionLog
+from my_ml_project.serving.deploy import serving_closure
+from my_ml_project.serving.predlog import PredictionLog, count_rows
 
 SPEC = FeatureSpec.build(
     ["size", "member", "plan"],
@@ -99,40 +110,14 @@ def test_log_writes_every_record_once_from_many_threads(tmp_path) -> None:
     assert records[0]["probabilities"] == answer["probabilities"]
 
 
-def test_log_is_bounded(tmp_path) -> None:
+def test_log_is_bounded_dropping_the_oldest(tmp_path) -> None:
     log = PredictionLog(tmp_path, max_pending=2, flush_s=60)
     for i in range(5):
         log.record(str(i), "1", [ROW], [{"label": "x"}])
     log.close()
     assert log.dropped == 3
-    assert len(next(tmp_path.rglob("*.jsonl")).read_text().splitlines()) == 2
-
-
-def test_log_reports_its_events(tmp_path) -> None:
-    """Rows written and dropped reach the callback the service turns into metrics."""
-    events: list[tuple[str, int]] = []
-    log = PredictionLog(tmp_path, max_pending=2, flush_s=60, on_event=lambda *e: events.append(e))
-    for i in range(3):
-        log.record(str(i), "1", [ROW], [{"label": "x"}])
-    log.close()
-    assert events == [("dropped", 1), ("written", 2)]
-
-
-def test_failed_write_loses_its_batch_not_the_writer(tmp_path) -> None:
-    """A folder that cannot be written (here: a file in its way) fails that batch, counted; the
-    next batch, once the folder can be written, is logged."""
-    blocked = tmp_path / "log"
-    blocked.write_text("not a folder")
-    events: list[tuple[str, int]] = []
-    log = PredictionLog(blocked, flush_s=60, on_event=lambda *e: events.append(e))
-    log.record("a", "1", [ROW, ROW], [{"label": "x"}, {"label": "y"}])
-    assert log.flush() == 0
-    assert (log.write_errors, log.dropped) == (1, 2)
-    assert events == [("write_error", 1), ("dropped", 2)]
-    blocked.unlink()
-    log.record("b", "1", [ROW], [{"label": "x"}])
-    log.close()
-    assert len(next(blocked.rglob("predictions-*.jsonl")).read_text().splitlines()) == 1
+    lines = next(tmp_path.glob("date=*/predictions-*.jsonl")).read_text().splitlines()
+    assert [json.loads(line)["request_id"] for line in lines] == ["3", "4"]
 
 
 def _scorer(calls: list[list]) -> object:
@@ -202,3 +187,282 @@ def test_log_records_rows_in_order_with_the_shadow_and_text_categories(tmp_path)
     assert (first["row"], second["row"]) == (0, 1)
     assert first["inputs"]["plan"] == "7"
     assert first["shadow"] == {"model_version": "4", "label": "b", "probabilities": {}}
+
+
+def test_a_record_that_cannot_be_encoded_is_rejected_and_the_writer_goes_on(tmp_path) -> None:
+    counted: list[tuple[str, int]] = []
+    log = PredictionLog(tmp_path, flush_s=0.01, on_count=lambda name, n: counted.append((name, n)))
+    nan = {"label": "a", "probabilities": {"a": float("nan"), "b": 0.5}}
+    log.record("bad", "1", [ROW, ROW], [{"label": "a"}, nan])
+    time.sleep(0.2)
+    log.record("good", "1", [ROW], [{"label": "a"}])
+    log.close()
+    written = [json.loads(line) for p in tmp_path.rglob("predictions-*.jsonl") for line in p.open()]
+    assert [(r["request_id"], r["row"]) for r in written] == [("bad", 0), ("good", 0)]
+    (reject,) = [json.loads(line) for p in tmp_path.rglob("rejects-*.jsonl") for line in p.open()]
+    assert (reject["request_id"], reject["row"]) == ("bad", 1)
+    assert "Out of range float values are not JSON compliant" in reject["reason"]
+    assert log.counts == {"written": 3, "dropped": 0, "write_errors": 0, "rejected": 1}
+    assert sum(n for name, n in counted if name == "rejected") == 1
+
+
+# Run in a process of its own: the file-size limit holds for every file the process writes.
+FULL_DISK = """
+import json, resource, sys, time
+from pathlib import Path
+from my_ml_project.serving.deploy import serving_closure
+from my_ml_project.serving.predlog import PredictionLog, count_rows
+
+folder = Path(sys.argv[1])
+log = PredictionLog(folder, max_pending=40, flush_s=0.01, retry_s=(0.01, 0.05), stuck_s=0.3)
+row, answer = {"size": 1.5}, {"label": "a", "probabilities": {"a": 0.25, "b": 0.75}}
+sent, health = [], {}
+
+def send(prefix, count):
+    for i in range(count):
+        sent.append(f"{prefix}{i}")
+        log.record(sent[-1], "1", [row], [answer])
+        time.sleep(0.002)
+
+def settle(done):
+    deadline = time.monotonic() + 20
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+send("before", 20)
+settle(lambda: log.counts["written"] == 20)
+size = sum(p.stat().st_size for p in folder.rglob("predictions-*.jsonl"))
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 1000, hard))  # a few more lines fit
+send("during", 200)
+settle(lambda: not log.healthy()[0])
+health["failing"] = log.healthy()
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+settle(lambda: log.healthy()[0])
+health["recovered"] = log.healthy()
+send("after", 20)
+log.close()
+print(json.dumps({"sent": sent, "counts": log.counts, "health": health}))
+"""
+
+
+def test_log_survives_a_full_disk_and_recovers_counting_every_lost_line(tmp_path) -> None:
+    """Writes past a file-size limit fail with EFBIG (Python ignores SIGXFSZ): a disk that fills
+    up, then frees space when the limit is lifted. Every line is written once or counted."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    lines = [line for p in tmp_path.rglob("predictions-*.jsonl") for line in p.open()]
+    logged = [json.loads(line)["request_id"] for line in lines]  # a torn line fails here
+    assert len(logged) == len(set(logged)), "a line written twice"
+    counts = result["counts"]
+    assert counts["write_errors"] > 0
+    assert counts["dropped"] > 0
+    assert len(result["sent"]) - len(logged) == counts["dropped"]
+    assert counts["written"] == len(logged)
+    assert {f"after{i}" for i in range(20)} <= set(logged), "lines after the recovery are lost"
+    assert result["health"]["failing"][0] is False
+    assert "cannot write" in result["health"]["failing"][1]
+    assert result["health"]["recovered"] == [True, ""]
+    assert "prediction log: cannot write" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_dead_writer_is_not_healthy(tmp_path) -> None:
+    log = PredictionLog(tmp_path, flush_s=0.01)
+    assert log.healthy() == (True, "")
+    log._stop.set()  # the thread ends as if it had died; close() was never called
+    log._thread.join()
+    log._stop.clear()
+    assert log.healthy() == (False, "the prediction log writer is dead")
+
+
+def test_overflow_names_the_row_and_the_field() -> None:
+    records = [{"size": 1.5, "age": 2.0}, {"size": 1e39, "age": 1e36}, {"size": None, "age": 1e30}]
+    found = overflow_errors(records, ["size", "age"], mean=[0.0, 0.0], std=[1.0, 1e-3])
+    assert len(found) == 2
+    assert found[0].startswith("rows[1].size: 1e+39 overflows")
+    assert found[1].startswith("rows[1].age: 1e+36 overflows")  # 1e39 once standardised
+
+
+def test_blame_names_the_field_that_makes_a_row_non_finite() -> None:
+    records = [{"size": 1.5, "age": 2.0}, {"size": 3e37, "age": 2.0}]
+
+    def finite(rows: list[dict]) -> bool:
+        return all(abs(r["size"]) < 1e30 and abs(r["age"]) < 1e30 for r in rows)
+
+    assert blame(records, [1], ["size", "age"], [0.0, 0.0], [1.0, 1.0], finite) == [
+        "rows[1].size: 3e+37 gives a non-finite result in the model"
+    ]
+    assert blame(records, [0], ["size", "age"], [0.0, 0.0], [1.0, 1.0], lambda _: False) == [
+        "rows[0]: its values together give a non-finite result in the model"
+    ]
+
+
+async def _echo(scope: dict, receive, send) -> None:
+    """The app behind the guard: answers 200 with the body it received and its request id."""
+    message = await receive() if scope["method"] == "POST" else {"body": b""}
+    request_id = dict(scope["headers"]).get(b"x-request-id", b"").decode()
+    body = json.dumps({"body": message["body"].decode(), "id": request_id}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def guarded(settings: ServeSettings, method: str, path: str, headers: dict, body: bytes = b""):
+    """(status, headers, parsed body) of one request through the Guard in front of _echo."""
+    guard = Guard(_echo, settings, fields={"/predict": frozenset({"rows"})})
+    raw = {"host": "127.0.0.1:3000", "content-length": str(len(body))} | headers
+    scope = {"type": "http", "method": method, "path": path,
+             "headers": [(k.lower().encode(), v.encode()) for k, v in raw.items()]}  # fmt: skip
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(guard(scope, receive, send))
+    head = {k.decode(): v.decode() for k, v in sent[0].get("headers", [])}
+    return sent[0]["status"], head, json.loads(sent[1]["body"])
+
+
+JSON = {"content-type": "application/json"}
+BODY = json.dumps({"rows": [ROW]}).encode()
+LOCKED = ServeSettings(token="p-token", feedback_token="f-token")
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_guard_takes_the_bearer_scheme_in_any_case(scheme: str) -> None:
+    auth = {"authorization": f"{scheme} p-token", **JSON}
+    status, head, body = guarded(LOCKED, "POST", "/predict", auth, BODY)
+    assert status == 200
+    assert json.loads(body["body"]) == {"rows": [ROW]}, "the body reaches the service unchanged"
+    assert head["x-request-id"] == body["id"], "one id, for the service and the client"
+
+
+@pytest.mark.parametrize(
+    ("path", "token"),
+    [("/predict", None), ("/predict", "wrong"), ("/predict", "f-token"), ("/feedback", "p-token")],
+)
+def test_guard_401_with_a_challenge_and_one_token_per_route(path: str, token) -> None:
+    auth = {"authorization": f"Bearer {token}"} if token else {}
+    status, head, _ = guarded(LOCKED, "POST", path, auth | JSON, BODY)
+    assert status == 401
+    assert head["www-authenticate"].startswith("Bearer")
+
+
+def test_feedback_is_closed_without_its_token_unless_opened() -> None:
+    body = json.dumps({"request_id": "0" * 32, "labels": ["a"]}).encode()
+    status, _, answer = guarded(ServeSettings(), "POST", "/feedback", JSON, body)
+    assert status == 403
+    assert "SERVICE_FEEDBACK_TOKEN" in answer["error"]
+    assert guarded(ServeSettings(feedback_open=True), "POST", "/feedback", JSON, body)[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        ({"content-type": "text/plain"}, BODY, 415),
+        ({"content-type": ""}, BODY, 415),
+        (JSON, json.dumps({"rows": [ROW], "extra": 1}).encode(), 422),
+        ({"host": "attacker.example"}, BODY, 400),
+        ({"host": "localhost:3000"}, BODY, 200),
+        ({"host": "[::1]:3000"}, BODY, 200),
+    ],
+)
+def test_guard_refuses_what_the_service_would_not_take(headers, body, status) -> None:
+    assert guarded(ServeSettings(), "POST", "/predict", JSON | headers, body)[0] == status
+
+
+def test_host_allowlist_adds_the_bind_address_and_configured_names() -> None:
+    settings = ServeSettings.from_env(
+        {"SERVE_BIND_HOST": "10.0.0.5", "SERVE_ALLOWED_HOSTS": "api.example"}
+    )
+    for host, status in [("10.0.0.5:3000", 200), ("api.example", 200), ("other.example", 400)]:
+        assert guarded(settings, "GET", "/docs.json", {"host": host})[0] == status, host
+    anyone = ServeSettings.from_env({"SERVE_ALLOWED_HOSTS": "*"})
+    assert guarded(anyone, "GET", "/docs.json", {"host": "other.example"})[0] == 200
+
+
+def test_probes_answer_whatever_the_host_and_token() -> None:
+    assert guarded(LOCKED, "GET", "/readyz", {"host": "10.1.2.3:3000"})[0] == 200
+
+
+def test_a_client_error_logs_one_warning_line_with_the_request_id(caplog) -> None:
+    secret = json.dumps({"rows": [ROW], "card_number": "4111"}).encode()
+    with caplog.at_level("INFO"):
+        status, head, _ = guarded(
+            LOCKED, "POST", "/predict", {"authorization": "Bearer p-token"} | JSON, secret
+        )
+    assert status == 422
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert head["x-request-id"] in record.getMessage()
+    assert "4111" not in caplog.text
+    assert record.exc_info is None
+
+
+@pytest.mark.parametrize(
+    ("env", "host", "refused"),
+    [
+        ({}, "127.0.0.1", None),
+        ({}, "localhost", None),
+        ({}, "0.0.0.0", "without SERVICE_API_TOKEN"),
+        ({"SERVE_ALLOW_OPEN": "yes"}, "0.0.0.0", None),
+        ({"SERVICE_API_TOKEN": "t"}, "0.0.0.0", None),
+        (
+            {"SERVICE_API_TOKEN": "t", "SERVE_FEEDBACK_OPEN": "yes"},
+            "10.0.0.5",
+            "SERVICE_FEEDBACK_TOKEN",
+        ),
+    ],
+)
+def test_exposing_the_service_needs_a_token(env: dict, host: str, refused) -> None:
+    said = ServeSettings.from_env(env).exposure_error(host)
+    if refused is None:
+        assert said is None
+    else:
+        assert refused in said
+        assert "\n" not in said
+
+
+def test_feedback_finds_a_request_in_the_index_without_reading_the_log(tmp_path) -> None:
+    log = PredictionLog(tmp_path, flush_s=60)
+    log.record("b" * 32, "1", [ROW] * 3, [{"label": "x"}] * 3)
+    log.close()
+    for day_file in tmp_path.glob("date=*/*.jsonl"):
+        day_file.unlink()  # the lookup must not need the log itself
+    assert count_rows(tmp_path, "b" * 32) == 3
+    assert count_rows(tmp_path, "c" * 32) == 0
+    assert count_rows(tmp_path / "missing", "b" * 32) == 0
+
+
+def test_the_bento_pins_what_the_service_imports_at_the_locked_versions() -> None:
+    closure = serving_closure()
+    assert {"bentoml", "torch", "pandas", "numpy", "pydantic"} <= set(closure)
+    assert not {"mlflow", "dvc", "evidently", "flask", "celery", "jupyter"} & set(closure)
+    lock = tomllib.loads(Path("uv.lock").read_text())["package"]
+    assert set(closure.items()) <= {(p["name"], p["version"]) for p in lock}
+
+
+def test_a_stuck_writer_is_not_healthy_until_it_moves(tmp_path) -> None:
+    """A write that hangs (here: opening a named pipe nobody reads, as a hung network disk)."""
+    day = tmp_path / f"date={datetime.now(UTC).date().isoformat()}"
+    day.mkdir()
+    pipe = day / f"predictions-{os.getpid()}.jsonl"
+    os.mkfifo(pipe)
+    log = PredictionLog(tmp_path, flush_s=0.01, stuck_s=0.2)
+    log.record("a" * 32, "1", [ROW], [{"label": "x"}])
+    deadline = time.monotonic() + 20
+    while log.healthy()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "stuck" in log.healthy()[1]
+    with open(pipe, "rb") as reader:  # someone reads: the write goes through
+        assert json.loads(reader.readline())["request_id"] == "a" * 32
+    while not log.healthy()[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert log.healthy() == (True, "")
+    log.close()

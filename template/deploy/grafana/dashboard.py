@@ -42,6 +42,11 @@ def rate(metric: str, labels: str = NS) -> str:
     return f"rate({metric}{{{labels}}}{WINDOW})"
 
 
+def outcome(name: str) -> str:
+    """The namespace matcher and one outcome of the prediction log's counter."""
+    return NS + ', outcome="' + name + '"'
+
+
 def quantile(q: float, metric: str, labels: str) -> str:
     return f"histogram_quantile({q}, sum by (le) ({rate(metric + '_bucket', labels)}))"
 
@@ -147,11 +152,12 @@ def build() -> Dashboard:
         .with_row(Row("Prediction log"))
         .with_panel(
             timeseries(
-                "Prediction log: rows written, dropped, failed writes",
+                "Prediction log: lines written, dropped, rejected; failed writes (retried)",
                 "short",
-                query(f"sum({rate('prediction_log_rows_written_total')})", "rows written/s"),
-                query(f"sum({rate('prediction_log_rows_dropped_total')})", "rows dropped/s"),
-                query(f"sum({rate('prediction_log_write_errors_total')})", "write errors/s"),
+                *(
+                    query(f"sum({rate('prediction_log_lines_total', outcome(o))})", f"{o}/s")
+                    for o in ("written", "dropped", "rejected", "write_errors")
+                ),
             )
         )
     )

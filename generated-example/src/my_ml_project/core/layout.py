@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the package's folder
@@ -67,6 +68,20 @@ def closure(entry: str) -> frozenset[str]:
             seen.add(name)
             todo += _imports(name) - seen
     return frozenset(seen)
+
+
+def external_imports(entry: str) -> frozenset[str]:
+    """The top-level modules outside the package and the standard library that ``entry`` and
+    the package's modules it imports import at run time (``{"numpy", "torch", ...}``)."""
+    found: set[str] = set()
+    for name in closure(entry):
+        tree = ast.parse(_module_file(name).read_text(encoding="utf-8"))
+        for node in _runtime_nodes(tree):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                found.add(node.module.partition(".")[0])
+    return frozenset(found - set(sys.stdlib_module_names) - {"__future__", ROOT.name})
 
 
 def subpackages(entry: str) -> tuple[str, ...]:

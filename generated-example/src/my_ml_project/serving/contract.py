@@ -10,15 +10,24 @@ non-finite numbers refused. ``null`` is accepted only for a model trained with
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hmac
+import ipaddress
 import json
+import logging
 import os
+import signal
+import socket
+import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
 
 from ..core.features import BOOLEAN, CATEGORICAL, IMPUTE, FeatureSpec, category_label
@@ -28,6 +37,8 @@ from .predlog import PREDICTION_LOG_DIR, PREDICTION_LOG_ENV
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
 REQUEST_ID = "x-request-id"
 OFF = ("off", "0", "false", "no")
+
+logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -45,6 +56,17 @@ def _int_env(environ: MutableMapping[str, str] | os._Environ, name: str, default
     return int(value)
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _flag(environ: MutableMapping[str, str] | os._Environ, name: str) -> bool:
+    return environ.get(name, "").strip().lower() in ("yes", "1", "true", "on")
+
+
+def _hosts(value: str) -> tuple[str, ...]:
+    return tuple(h.strip().lower() for h in value.split(",") if h.strip())
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """The service's settings, from the environment (read once, at start-up)."""
@@ -53,22 +75,74 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     log_dir: Path = PREDICTION_LOG_DIR
     log_enabled: bool = True
+    log_max_pending: int = 100_000
+    log_stuck_s: int = 30
     workers: int = 1
     token: str | None = None
+    feedback_token: str | None = None
+    feedback_open: bool = False
+    allow_open: bool = False
+    bind_host: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: MutableMapping[str, str] | None = None) -> ServeSettings:
         """SERVE_MAX_ROWS, SERVE_MAX_BODY_BYTES, SERVE_WORKERS, PREDICTION_LOG_DIR,
-        PREDICTION_LOG (``off`` disables it), SERVICE_API_TOKEN."""
+        PREDICTION_LOG (``off`` disables it), SERVE_LOG_MAX_PENDING (lines buffered while
+        writes fail), SERVE_LOG_STUCK_S (seconds of failing writes before /readyz fails),
+        SERVICE_API_TOKEN (``/predict`` and the OpenAPI
+        page), SERVICE_FEEDBACK_TOKEN (``/feedback``), SERVE_FEEDBACK_OPEN (``yes``: feedback
+        without a token), SERVE_ALLOW_OPEN (``yes``: serve a non-loopback address with no
+        token), SERVE_BIND_HOST (the address served, as ``nox -s serve`` passes it on),
+        SERVE_ALLOWED_HOSTS (``Host`` values accepted beside the loopback names and the bind
+        address, comma-separated; ``*``: any)."""
         env = os.environ if environ is None else environ
         return cls(
             max_rows=_int_env(env, "SERVE_MAX_ROWS", cls.max_rows),
             max_body_bytes=_int_env(env, "SERVE_MAX_BODY_BYTES", cls.max_body_bytes),
             log_dir=Path(env.get(PREDICTION_LOG_ENV) or cls.log_dir),
             log_enabled=env.get("PREDICTION_LOG", "on").strip().lower() not in OFF,
+            log_max_pending=_int_env(env, "SERVE_LOG_MAX_PENDING", cls.log_max_pending),
+            log_stuck_s=_int_env(env, "SERVE_LOG_STUCK_S", cls.log_stuck_s),
             workers=_int_env(env, "SERVE_WORKERS", cls.workers),
             token=env.get("SERVICE_API_TOKEN") or None,
+            feedback_token=env.get("SERVICE_FEEDBACK_TOKEN") or None,
+            feedback_open=_flag(env, "SERVE_FEEDBACK_OPEN"),
+            allow_open=_flag(env, "SERVE_ALLOW_OPEN"),
+            bind_host=env.get("SERVE_BIND_HOST", "").strip().lower() or None,
+            allowed_hosts=_hosts(env.get("SERVE_ALLOWED_HOSTS", "")),
         )
+
+    def hosts(self) -> frozenset[str] | None:
+        """The ``Host`` names accepted (None: any): loopback, the bind address, the allowlist."""
+        if "*" in self.allowed_hosts:
+            return None
+        bound = (self.bind_host,) if self.bind_host else ()
+        return frozenset((*LOOPBACK_HOSTS, *bound, *self.allowed_hosts))
+
+    def exposure_error(self, host: str) -> str | None:
+        """Why the service must not bind ``host`` (None: it may): a non-loopback address and
+        a route anyone there could call, unless SERVE_ALLOW_OPEN says so."""
+        if _loopback(host) or self.allow_open:
+            return None
+        if not self.token:
+            return (
+                f"refusing to serve on {host} without SERVICE_API_TOKEN: set it, or "
+                "SERVE_ALLOW_OPEN=yes to let anyone who reaches the address call /predict"
+            )
+        if self.feedback_open and not self.feedback_token:
+            return (
+                f"refusing to serve on {host} with SERVE_FEEDBACK_OPEN and no "
+                "SERVICE_FEEDBACK_TOKEN: set it, or SERVE_ALLOW_OPEN=yes"
+            )
+        return None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def torch_backend(environ: MutableMapping[str, str] | None = None) -> str:
@@ -147,6 +221,76 @@ class RecentRequests:
         return self._rows.get(request_id)
 
 
+# The largest float32: a standardised value above it is inf inside the model, then NaN.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class InputError(ValueError):
+    """Rows the model cannot compute (HTTP 422); ``problems`` name each row and field."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+class NonFiniteError(ArithmeticError):
+    """The model computed non-finite probabilities for ``rows`` (indexes in the request)."""
+
+    def __init__(self, rows: Sequence[int]) -> None:
+        super().__init__(f"non-finite probabilities for rows {list(rows)}")
+        self.rows = list(rows)
+
+
+def numbers(records: Sequence[dict[str, Any]], names: Sequence[str]) -> np.ndarray:
+    """The numeric and boolean fields of ``records`` as float64 ``[N, len(names)]`` (NaN: null)."""
+    return np.array(
+        [[np.nan if r[n] is None else float(r[n]) for n in names] for r in records],
+        dtype=np.float64,
+    ).reshape(len(records), len(names))
+
+
+def overflow_errors(
+    records: Sequence[dict[str, Any]], names: Sequence[str], mean: Any, std: Any
+) -> list[str]:
+    """Each value that overflows float32 as given or once standardised (``(x - mean) / std``,
+    computed in float64), as ``rows[i].field: why``; [] when every value is computable."""
+    values = numbers(records, names)
+    with np.errstate(all="ignore"):
+        scaled = (values - np.asarray(mean, np.float64)) / np.asarray(std, np.float64)
+    bad = (np.abs(values) > FLOAT32_MAX) | (np.abs(scaled) > FLOAT32_MAX)
+    return [
+        f"rows[{i}].{names[j]}: {values[i, j]:g} overflows the model's float32 arithmetic"
+        for i, j in zip(*np.nonzero(bad), strict=True)
+    ]
+
+
+def blame(
+    records: Sequence[dict[str, Any]],
+    rows: Sequence[int],
+    names: Sequence[str],
+    mean: Any,
+    std: Any,
+    finite: Callable[[list[dict[str, Any]]], bool],
+) -> list[str]:
+    """For each row the model computed non-finite results for, the field that causes it: the
+    first (largest standardised magnitude first) whose value set to the training mean makes the
+    row finite, per ``finite([row])``; ``rows[i]: ...`` when no single field does."""
+    found = []
+    for i in rows:
+        scaled = np.abs((numbers([records[i]], names)[0] - np.asarray(mean)) / np.asarray(std))
+        culprit = None
+        for j in np.argsort(-np.nan_to_num(scaled, nan=-1.0)):
+            if finite([{**records[i], names[j]: float(np.asarray(mean)[j])}]):
+                culprit = names[j]
+                break
+        if culprit is None:
+            found.append(f"rows[{i}]: its values together give a non-finite result in the model")
+        else:
+            value = records[i][culprit]
+            found.append(f"rows[{i}].{culprit}: {value:g} gives a non-finite result in the model")
+    return found
+
+
 def predictions(labels: list[str], proba: list[list[float]], classes: list[str]) -> list[dict]:
     """``[{"label": ..., "probabilities": {class: p}}]`` in row order."""
     return [
@@ -156,35 +300,162 @@ def predictions(labels: list[str], proba: list[list[float]], classes: list[str])
 
 
 class Guard:
-    """ASGI middleware: the bearer token (when set) and the body size limit, before any parsing.
+    """ASGI middleware: what is refused before any parsing, and one log line per client error.
 
-    Probes and metrics stay open. The token is compared in constant time and never logged.
+    In order: a ``Host`` not in the allowlist (400: DNS rebinding against a loopback service);
+    a missing or wrong bearer token (401 with ``WWW-Authenticate: Bearer``; ``/feedback`` has
+    its own token and is refused, 403, while it has none unless opened); a body that is not
+    JSON (415), too large (413) or of unknown length (411); a JSON object with top-level fields
+    the route does not take (422). Probes and metrics stay open. Tokens are compared in
+    constant time and never logged. Each request gets an ``X-Request-ID`` (the id /predict
+    logs its rows under); a 4xx is logged as one WARNING line with it, never the content.
     """
 
-    def __init__(self, app: ASGIApp, token: str | None = None, max_body_bytes: int = 1 << 20):
-        self.app, self.max_body = app, max_body_bytes
-        self.expected = f"Bearer {token}".encode() if token else None
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: ServeSettings | None = None,
+        fields: dict[str, frozenset[str]] | None = None,
+    ) -> None:
+        settings = settings or ServeSettings()
+        self.app, self.max_body, self.fields = app, settings.max_body_bytes, fields or {}
+        self.hosts = settings.hosts()
+        self.tokens = {"/feedback": settings.feedback_token}
+        self.default_token = settings.token
+        self.feedback_open = settings.feedback_open
+        quiet_client_errors()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.expected is not None and not hmac.compare_digest(
-            headers.get(b"authorization", b""), self.expected
-        ):
-            return await _reply(send, 401, "missing or wrong bearer token (Authorization header)")
+        request_id = uuid.uuid4().hex
+        headers = [(k, v) for k, v in scope.get("headers") or [] if k != REQUEST_ID.encode()]
+        scope["headers"] = [*headers, (REQUEST_ID.encode(), request_id.encode())]
+        status = 0
+
+        async def answer(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            refused = self._refused(scope, dict(headers))
+            if refused is not None:
+                return await _reply(answer, *refused)
+            if scope["method"] == "POST" and scope["path"] in self.fields:
+                return await self._checked_body(scope, receive, answer)
+            return await self.app(scope, receive, answer)
+        finally:
+            if 400 <= status < 500:
+                logger.warning(
+                    "%s %s answered %d (request %s)",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    request_id,
+                )
+
+    def _refused(self, scope: Scope, headers: dict[bytes, bytes]) -> tuple[Any, ...] | None:
+        """(status, reason[, headers]) of a request refused from its headers, else None."""
+        host = _host_name(headers.get(b"host", b""))
+        if self.hosts is not None and host not in self.hosts:
+            return 400, "Host not allowed: set SERVE_ALLOWED_HOSTS to serve this name"
+        path = scope["path"]
+        token = self.tokens.get(path, self.default_token)
+        if token is None and path in self.tokens and not self.feedback_open:
+            return 403, "feedback is closed: the service has no SERVICE_FEEDBACK_TOKEN"
+        if token is not None and not _bearer(headers.get(b"authorization", b""), token):
+            challenge = [(b"www-authenticate", b'Bearer realm="api"')]
+            return 401, "missing or wrong bearer token (Authorization header)", challenge
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return None
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if kind != b"application/json" and not kind.endswith(b"+json"):
+            return 415, "Content-Type must be application/json"
         length = headers.get(b"content-length")
-        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            return await _reply(send, 411, "a Content-Length header is required")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await _reply(send, 413, f"request body over {self.max_body} bytes")
-        return await self.app(scope, receive, send)
+        if length is None:
+            return 411, "a Content-Length header is required"
+        if not length.isdigit() or int(length) > self.max_body:
+            return 413, f"request body over {self.max_body} bytes"
+        return None
+
+    async def _checked_body(self, scope: Scope, receive: Any, send: Any) -> None:
+        """Read the body (bounded by Content-Length, checked before); 422 for top-level fields
+        the route does not take; then hand the body on unchanged."""
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None  # not JSON: BentoML answers it (400)
+        if isinstance(parsed, dict):
+            unknown = sorted(set(parsed) - self.fields[scope["path"]])
+            if unknown:
+                expected = ", ".join(sorted(self.fields[scope["path"]]))
+                return await _reply(
+                    send, 422, f"unknown fields: {', '.join(unknown)}; expected: {expected}"
+                )
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
-async def _reply(send: Any, status: int, reason: str) -> None:
+def _host_name(host: bytes) -> str:
+    """The name of a Host header, without the port (``[::1]:3000`` -> ``::1``)."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")]
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def _bearer(header: bytes, token: str) -> bool:
+    """Whether ``header`` is ``Bearer <token>`` (the scheme in any case), in constant time."""
+    scheme, _, given = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token.encode())
+
+
+class _ClientErrors(logging.Filter):
+    """Drops BentoML's ERROR-with-traceback for a request it refused as the client's fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return True
+        code = getattr(getattr(error, "error_code", None), "value", 500)
+        return not (type(error).__name__ == "ValidationError" or code < 500)
+
+
+def quiet_client_errors() -> None:
+    """Client errors are the Guard's one WARNING line, not BentoML's traceback."""
+    http_log = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, _ClientErrors) for f in http_log.filters):
+        http_log.addFilter(_ClientErrors())
+
+
+async def _reply(send: Any, status: int, reason: str, extra: list | None = None) -> None:
     body = json.dumps({"error": reason}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send(
+        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -256,3 +527,101 @@ class Batcher:
             return
         if not future.done():
             future.set_result(result)
+
+
+class Drain:
+    """A graceful stop on SIGTERM, before the server's own (uvicorn's) handler runs.
+
+    BentoML's arbiter keeps the listening socket open while its workers stop, so connections
+    made meanwhile wait in the kernel's queue, unread, and are reset when it closes (measured:
+    ~60 of 64 clients' requests under load). Here, on SIGTERM, the worker accepts what is
+    queued at once and shuts the listening socket (new connections are refused, never left
+    waiting), serves what it accepted, marks itself draining (``/readyz`` fails),
+    and, ``read_s`` later (the requests of the connections just accepted are read by then),
+    hands over to the server's handler: it answers every request it holds, then the
+    service's shutdown hooks run (the prediction log is flushed), then the worker exits.
+    """
+
+    def __init__(self, read_s: float = 1.0) -> None:
+        self.draining, self.read_s = False, read_s
+        self._previous: Any = None
+
+    def install(self) -> bool:
+        """Take over SIGTERM in this worker (False: not the main thread, or no handler to
+        hand over to: the server stops the usual way)."""
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is not threading.main_thread() or not callable(previous):
+            return False
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # built outside the server's event loop
+            return False
+        self._previous = previous
+        signal.signal(signal.SIGTERM, self._on_term)
+        return True
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.draining = True
+        self._loop.call_soon_threadsafe(self._stop_listening)
+        # The server's stop closes connections whose request it has not read yet (as idle):
+        # it comes once those just accepted have been read.
+        self._loop.call_soon_threadsafe(
+            self._loop.call_later, self.read_s, self._previous, signum, frame
+        )
+
+    def _stop_listening(self) -> None:
+        """Accept every queued connection, shut each listening socket, in one step of the
+        event loop (nothing can queue in between), then serve what was accepted as the server
+        serves any connection: from now on new connections are refused, never left unread."""
+        accepted: list[socket.socket] = []
+        for listener in _listening_sockets():
+            with contextlib.suppress(OSError):
+                while True:  # until the queue is empty (BlockingIOError)
+                    accepted.append(listener.accept()[0])
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RD)
+            listener.close()
+        factory = _protocol_factory(getattr(self._previous, "__self__", None))
+        for connection in accepted:
+            if factory is None:  # not uvicorn: refused rather than left waiting
+                connection.close()
+                continue
+            connection.setblocking(False)
+            self._loop.create_task(self._loop.connect_accepted_socket(factory, connection))
+
+
+def _protocol_factory(server: Any) -> Callable[[], Any] | None:
+    """What uvicorn's server makes of each connection it accepts (None: not uvicorn's)."""
+    config = getattr(server, "config", None)
+    if config is None or not hasattr(server, "server_state"):
+        return None
+    return functools.partial(
+        config.http_protocol_class,
+        config=config,
+        server_state=server.server_state,
+        app_state=server.lifespan.state,
+    )
+
+
+def _listening_sockets() -> list[socket.socket]:
+    """A copy of each listening TCP socket this process holds (the server's, shared with its
+    arbiter: shutting a copy shuts the socket)."""
+    found: list[socket.socket] = []
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # not Linux: the server's own stop applies
+        return found
+    for name in names:
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:  # not a socket, or gone
+            continue
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError:
+            listening = 0
+        if listening and sock.type == socket.SOCK_STREAM:
+            found.append(sock)
+        else:
+            sock.close()
+    return found

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bentoml
+import numpy as np
 import pandas as pd
 import torch
 
@@ -37,25 +38,49 @@ from ..model.network import load_model, predict_frame
 from .contract import (
     REQUEST_ID,
     Batcher,
+    Drain,
     FeedbackError,
     Guard,
+    InputError,
+    NonFiniteError,
     RecentRequests,
     RequestId,
     Scores,
     ServeSettings,
+    blame,
     feedback_labels,
     labels_type,
+    overflow_errors,
     predictions,
     rows_type,
     torch_backend,
 )
-from .predlog import PredictionLog, count_rows
+from .predlog import COUNTS, PredictionLog, count_rows
 
 logger = logging.getLogger(__name__)
+# Requests refused because the model would compute non-finite numbers: caught on the input
+# (a value that overflows float32) or, as the second line, on the output (never answered).
+NON_FINITE = bentoml.metrics.Counter(
+    name="predict_non_finite_refused",
+    documentation="Requests refused because the model would compute non-finite numbers",
+    labelnames=["stage"],
+)
+# The prediction log's counts (see predlog.COUNTS): lines written, dropped, failed writes, rejects.
+LOG_COUNTS = bentoml.metrics.Counter(
+    name="prediction_log_lines",
+    documentation="Prediction log lines by outcome (written, dropped, rejected) and failed writes",
+    labelnames=["outcome"],
+)
+
+
+def count_log(name: str, n: int) -> None:
+    """Add ``n`` to the prediction log's counter ``name`` (called from its writer thread)."""
+    LOG_COUNTS.labels(outcome=name).inc(n)
+
+
 DEPLOYMENT = Path(__file__).with_name(DEPLOYMENT_FILE)
 
-# On /metrics beside BentoML's own (deploy/prometheus/ alerts on them, deploy/grafana/ shows
-# them). bentoml.metrics objects are lazy: nothing is registered until a worker uses them.
+# Also on /metrics (deploy/prometheus/ alerts on these, deploy/grafana/ shows them).
 MODEL_INFO = bentoml.metrics.Gauge(
     name="model_info",
     documentation="The registry version this worker serves (value 1)",
@@ -67,20 +92,6 @@ ROWS_PER_CALL = bentoml.metrics.Histogram(
     documentation="Rows scored in one model call (requests batched together)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
-LOG_EVENTS = {  # what PredictionLog reports (its on_event)
-    "written": bentoml.metrics.Counter(
-        name="prediction_log_rows_written_total",
-        documentation="Prediction rows written to the prediction log",
-    ),
-    "dropped": bentoml.metrics.Counter(
-        name="prediction_log_rows_dropped_total",
-        documentation="Prediction rows lost: the log's queue was full or a write failed",
-    ),
-    "write_error": bentoml.metrics.Counter(
-        name="prediction_log_write_errors_total",
-        documentation="Failed writes to the prediction log (each loses a batch of rows)",
-    ),
-}
 
 
 def deployed_models(deployment: Path = DEPLOYMENT) -> dict[str, str | None]:
@@ -145,13 +156,18 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
                 torch.set_num_threads(1)
             self.model = load_model(STORED.path_of(WEIGHTS)).to(device)
             self.version = str(STORED.info.metadata["registry_version"])
+            self.stats = (self.model.mean.cpu().numpy(), self.model.std.cpu().numpy())
             self.log = None
             if SETTINGS.log_enabled:
                 self.log = PredictionLog(
                     SETTINGS.log_dir,
                     categorical=SPEC.categorical,
-                    on_event=lambda event, count: LOG_EVENTS[event].inc(count),
+                    max_pending=SETTINGS.log_max_pending,
+                    stuck_s=SETTINGS.log_stuck_s,
+                    on_count=count_log,
                 )
+                for name in COUNTS:  # each counter shows from the start, at 0
+                    LOG_COUNTS.labels(outcome=name)
                 self.log.describe(self.version, model_card(STORED))
             # Concurrent requests scored in one model call (about the cost of one request's).
             self.batcher = Batcher(self._score_served, SETTINGS.max_rows)
@@ -167,27 +183,73 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
                 )
                 self.log.describe(self.shadow_version, model_card(stored))
             self._tasks: set[asyncio.Task] = set()
+            self.drain = Drain()
+            if not self.drain.install():
+                logger.warning("SIGTERM: the server's own stop (no graceful drain here)")
             gc.freeze()  # the models and the imports: out of every later collection
 
         def _score_served(self, records: list[dict[str, Any]]) -> Scores:
             ROWS_PER_CALL.observe(len(records))
             return self._score(self.model, records)
 
+        def __is_ready__(self) -> bool:
+            """/readyz: 503 while draining, or while the prediction log's writer is dead, stuck
+            or failing."""
+            if self.drain.draining:
+                return False
+            if self.log is None:
+                return True
+            ready, why = self.log.healthy()
+            if not ready:
+                logger.warning("not ready: %s", why)
+            return ready
+
         @staticmethod
         def _score(model: Any, records: list[dict[str, Any]]) -> Scores:
+            """Labels and probabilities; NonFiniteError rather than a label of NaN scores."""
             frame = pd.DataFrame(records, columns=list(SPEC.names))
             with torch.inference_mode():
                 out = predict_frame(model, frame)
-            return out["label"].tolist(), out[model.class_names].to_numpy().tolist()
+            proba = out[model.class_names].to_numpy()
+            finite = np.isfinite(proba).all(axis=1)
+            if not finite.all():
+                raise NonFiniteError(np.flatnonzero(~finite).tolist())
+            return out["label"].tolist(), proba.tolist()
+
+        def _finite(self, records: list[dict[str, Any]]) -> bool:
+            try:
+                self._score(self.model, records)
+            except (NonFiniteError, ValueError):
+                return False
+            return True
+
+        async def _answer(self, records: list[dict[str, Any]]) -> Scores:
+            """The model's scores of ``records``; InputError naming the row and field of any
+            value the model cannot compute (checked before, and after, as a second line)."""
+            mean, std = self.stats
+            problems = overflow_errors(records, SPEC.numeric, mean, std)
+            if problems:
+                NON_FINITE.labels(stage="input").inc()
+                raise InputError(problems)
+            try:
+                return await self.batcher(records)
+            except NonFiniteError as exc:
+                NON_FINITE.labels(stage="output").inc()
+                blamed = blame(records, exc.rows, SPEC.numeric, mean, std, self._finite)
+                raise InputError(blamed) from None
 
         @bentoml.api
         async def predict(self, rows: Rows, ctx: bentoml.Context) -> dict[str, Any]:
             """Label and class probabilities of each row, in order."""
             records = [row.model_dump() for row in rows]
-            labels, proba = await self.batcher(records)
+            try:
+                labels, proba = await self._answer(records)
+            except InputError as exc:
+                ctx.response.status_code = 422
+                return {"error": "values the model cannot compute", "detail": exc.problems}
             answers = predictions(labels, proba, self.model.class_names)
-            request_id = uuid.uuid4().hex
-            ctx.response.headers[REQUEST_ID] = request_id
+            # The Guard's id: the X-Request-ID header of the answer.
+            request_id = ctx.request.headers.get(REQUEST_ID) or uuid.uuid4().hex
             self.recent.add(request_id, len(rows))
             if self.shadow is not None:
                 # After the answer: the challenger's scores only reach the log, never the client.
@@ -243,7 +305,9 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
 
     # bentoml.service returns a Service, which its type hints give as the decorated class.
     Predictor.add_asgi_middleware(  # type: ignore[attr-defined]
-        Guard, token=SETTINGS.token, max_body_bytes=SETTINGS.max_body_bytes
+        Guard,
+        settings=SETTINGS,
+        fields={"/predict": frozenset({"rows"}), "/feedback": frozenset({"request_id", "labels"})},
     )
     return Predictor
 

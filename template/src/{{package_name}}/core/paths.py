@@ -47,11 +47,13 @@ ARTIFACT_DIR = "mlartifacts"
 PREDICTION_LOG_ENV = "PREDICTION_LOG_DIR"
 PREDICTION_LOG_DIR = Path("logs/predictions")
 LOGGED_MODELS_DIR = "models"  # inside the prediction log: each served version's test metrics
+REQUEST_INDEX = "requests.sqlite"  # inside the prediction log: request id -> rows, for /feedback
 DEPLOYMENT_FILE = "deployment.json"  # in the Bento: the served and shadow model tags
 SOURCE_DIR = Path("src")
 BUILD_DIR = Path("build")
 SBOM_DIR = BUILD_DIR / "sbom"
 IMAGE_ENV_FILE = BUILD_DIR / "image.env"
+EXAMPLE_REQUEST = BUILD_DIR / "request.json"  # nox -s request: a ready /predict body
 
 # Monitoring and continuous training.
 REPORTS_DIR = Path("reports/monitoring")

@@ -9,7 +9,8 @@ shifts the features at even positions of data/processed/schema.json's feature li
 true/false values replaced, with probability min(D, 1), by the train split's rarest value.
 ``--feedback`` then posts each request's true classes to ``/feedback``; ``--flip-labels P`` posts
 a wrong class for a share P of them instead (a model whose quality "fell", for the monitor).
-``SERVICE_API_TOKEN`` is sent as the bearer token when set.
+``SERVICE_API_TOKEN`` (``SERVICE_FEEDBACK_TOKEN`` for ``/feedback``) is sent as the bearer
+token when set.
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def flip(labels: list[str], classes: list[str], share: float, rng: np.random.Gen
 
 
 def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """deploy's JSON client, with the bearer token; a service that does not answer: one line."""
-    token = os.environ.get("SERVICE_API_TOKEN")
+    """deploy's JSON client, with the route's bearer token (SERVICE_FEEDBACK_TOKEN for
+    /feedback, else SERVICE_API_TOKEN); a service that does not answer: one line."""
+    name = "SERVICE_FEEDBACK_TOKEN" if url.endswith("/feedback") else "SERVICE_API_TOKEN"
+    token = os.environ.get(name)
     try:
         return post(url, body, {"Authorization": f"Bearer {token}"} if token else None)
     except OSError as exc:

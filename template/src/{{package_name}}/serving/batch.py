@@ -12,6 +12,8 @@ it is written to a temporary file renamed at the end: a crash leaves no half-wri
 Rows that cannot be scored (a gap in a model trained without imputation, text in a numeric
 column) go to the rejects file (``<output>.rejects.csv`` by default) with their row number
 (1 = the first data row) and the reason; the command then exits 1 unless ``--allow-rejects``.
+With no rejects there is no rejects file (one from an earlier run is removed). The progress
+bar shows on a terminal only.
 A file without the model's columns, or one that cannot be read, is one ``error:`` line (exit 2).
 """
 
@@ -208,7 +210,7 @@ def score_file(
     except READ_ERRORS as exc:
         raise _unreadable(source, exc) from None
     counts = Counts()
-    empty = rejected_empty = None
+    empty = None
     with (
         _core_left_for_io(),
         atomic_path(output) as tmp_out,
@@ -223,7 +225,7 @@ def score_file(
             for table in chunks:
                 if empty is None:
                     _check_columns(model, table, keep)
-                    empty, rejected_empty = score_chunk(model, table.slice(0, 0), 1, keep, version)
+                    empty, _ = score_chunk(model, table.slice(0, 0), 1, keep, version)
                 scored, rejected = score_chunk(model, table, counts.rows + 1, keep, version)
                 if writing is not None:
                     writing.result()
@@ -242,9 +244,8 @@ def score_file(
                 out.close()
             raise
         out.close(empty)
-        if not counts.rejected:
-            assert rejected_empty is not None  # set with `empty`, whose absence raised above
-            pd.DataFrame(columns=rejected_empty.columns).to_csv(tmp_rej, index=False)
+    if not counts.rejected:  # no rejects file, and none left from an earlier run
+        rejects_path.unlink(missing_ok=True)
     return counts
 
 
@@ -374,12 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         rejects,
         keep=args.keep,
         chunk_rows=args.chunk_rows,
-        progress=not args.no_progress,
+        progress=not args.no_progress and sys.stderr.isatty(),  # a bar only for a person
     )
-    print(
-        f"model version {version}: {counts.scored} rows scored -> {args.output}, "
-        f"{counts.rejected} rejected -> {rejects}"
-    )
+    said = f"{counts.rejected} rejected -> {rejects}" if counts.rejected else "none rejected"
+    print(f"model version {version}: {counts.scored} rows scored -> {args.output}, {said}")
     if counts.rejected and not args.allow_rejects:
         print(
             f"error: {counts.rejected} rows rejected (see {rejects}); --allow-rejects to accept",

@@ -12,6 +12,9 @@ rebuilt.
 
 ``serve [--host H] [--port P] [--reload]``: the latest Bento in the foreground (``--reload``:
 the service from the source tree, restarted on edits).
+
+``example [--rows N]``: write a ready ``/predict`` body, the first N rows of the test split, to
+``build/request.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,7 @@ from ..core import layout
 from ..core.config import ProjectError, cli_errors, load_params
 from ..core.paths import (
     DEPLOYMENT_FILE,
+    EXAMPLE_REQUEST,
     IMAGE_ENV_FILE,
     MODEL_NAME,
     PACKAGE,
@@ -45,11 +51,12 @@ from ..core.paths import (
     module,
 )
 from ..core.paths import SOURCE_DIR as SRC
-from .contract import torch_backend
+from .contract import ServeSettings, torch_backend
 from .predlog import log_folder
 
 SERVICE = f"{module('serving.service')}:Predictor"
 PYTORCH_INDEX = "https://download.pytorch.org/whl/{}"
+GRACE_S = 25
 CUDA_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04"
 
 
@@ -112,13 +119,83 @@ def _listed(lister: Any) -> list[Any]:
         return []
 
 
+# How the image's installer (uv) must read the requirements: from every index, the best match
+# (its default takes a package from the first index listing it: PyTorch's lists numpy, jinja2...).
+INSTALLER_ENV = {"UV_INDEX_STRATEGY": "unsafe-best-match"}
+# The platform a Bento's image runs on, for the lock's environment markers.
+IMAGE_PLATFORM = {
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+}
+
+
 def _requirements(folder: Path) -> Path:
-    """requirements.txt from uv.lock (no resolution), torch from the accelerator's index."""
-    out = _export("--no-hashes", "--no-header")
+    """requirements.txt of the serving closure: the packages the service's modules import and
+    what they need, at uv.lock's versions (no resolution); torch pinned to the accelerator's
+    build (``2.9.1+cpu``), from its index."""
+    locked = serving_closure()
+    lines = [f"{name}=={version}" for name, version in sorted(locked.items()) if name != "torch"]
     path = folder / "bento-requirements.txt"
-    text = f"--extra-index-url {_torch_index()}\n{out}torch=={_torch_version()}\n"
-    path.write_text(text, encoding="utf-8")
+    text = "\n".join([f"--extra-index-url {_torch_index()}", *lines, f"torch=={_torch_pin()}"])
+    path.write_text(text + "\n", encoding="utf-8")
     return path
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def serving_closure(lock_file: Path | None = None) -> dict[str, str]:
+    """{package: version} of uv.lock that the service needs: the distributions of the modules it
+    imports (:func:`layout.external_imports`), then their dependencies (and the extras asked
+    for), those whose markers hold on the image's platform. torch's own dependencies are left
+    to its index (the accelerator's build has its own)."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.markers import Marker
+
+    lock = tomllib.loads((lock_file or SRC.parent / "uv.lock").read_text(encoding="utf-8"))
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for package in lock["package"]:
+        entries.setdefault(_normal(package["name"]), []).append(package)
+    owners = packages_distributions()
+    todo: list[tuple[str, tuple[str, ...], str | None]] = [
+        (_normal(dist), (), None)
+        for module in layout.external_imports("serving.service")
+        for dist in owners.get(module, [module])
+    ]
+    python = {"python_version": _python(), "python_full_version": f"{_python()}.0"}
+    platform = {**IMAGE_PLATFORM, **python, "platform_machine": os.uname().machine}
+    chosen: dict[str, tuple[dict[str, Any], set[str]]] = {}
+    while todo:
+        name, extras, version = todo.pop()
+        candidates = [e for e in entries.get(name, []) if version in (None, e["version"])]
+        # A package locked at several versions (a fork by Python version): the image's.
+        forks = [e for e in candidates if _holds(e.get("resolution-markers"), platform)]
+        if not candidates:
+            continue
+        entry = (forks or candidates)[0]
+        new = name not in chosen
+        _, seen = chosen.setdefault(name, (entry, set()))
+        wanted = set(extras) - seen
+        seen |= wanted
+        deps = list(entry.get("dependencies", [])) if new and name != "torch" else []
+        for extra in sorted(wanted):
+            deps += entry.get("optional-dependencies", {}).get(extra, [])
+        for dep in deps:
+            if "marker" not in dep or Marker(dep["marker"]).evaluate(platform):
+                todo.append((_normal(dep["name"]), tuple(dep.get("extra", ())), dep.get("version")))
+    return {name: entry["version"] for name, (entry, _) in chosen.items() if "version" in entry}
+
+
+def _holds(markers: list[str] | None, platform: dict[str, str]) -> bool:
+    """Whether any of a lock entry's resolution markers holds on ``platform`` (none: it does)."""
+    from packaging.markers import Marker
+
+    return not markers or any(Marker(marker).evaluate(platform) for marker in markers)
 
 
 def _torch_version() -> str:
@@ -135,6 +212,14 @@ def _torch_index() -> str:
     return PYTORCH_INDEX.format(backend if backend.startswith("cu") else "cpu")
 
 
+def _torch_pin() -> str:
+    """The torch release with the accelerator's build as its local version (``2.9.1+cpu``):
+    only that build's index has it, so no installer can take another index's torch."""
+    backend = torch_backend()
+    build = backend if backend.startswith("cu") else "cpu"
+    return f"{_torch_version()}+{build}"
+
+
 def _export(*args: str) -> str:
     """``uv export`` of uv.lock's runtime packages (no resolution, no dev group)."""
     command = ["uv", "export", "--frozen", "--no-dev", "--no-emit-project", *args]
@@ -148,15 +233,15 @@ def _export(*args: str) -> str:
 def write_sbom(bento: Any, folder: Path = SBOM_DIR) -> Path:
     """A CycloneDX 1.5 SBOM of the Python packages the Bento ships, from uv.lock.
 
-    uv's export of the lock, kept to what the Bento's requirements pin: the runtime packages,
+    uv's export of the lock, kept to what the Bento's requirements pin: the serving closure,
     and torch at the version pinned, with the build and index it comes from (PyPI's files and
     hashes for torch are not what ships). The packages torch brings from that index when the
     image is built are not pinned by the lock, so not listed: scan the image for those.
     """
     preview = ("--preview-features", "sbom-export", "--format", "cyclonedx1.5")
     bom = json.loads(_export(*preview, "--extra", "torch"))
-    pinned = {c["name"] for c in json.loads(_export(*preview))["components"]} | {"torch"}
-    kept = [c for c in bom["components"] if c["name"] in pinned]
+    pinned = set(serving_closure()) | {"torch"}
+    kept = [c for c in bom["components"] if _normal(c["name"]) in pinned]
     refs = {c["bom-ref"] for c in kept} | {bom["metadata"]["component"]["bom-ref"]}
     for component in kept:
         if component["name"] == "torch":
@@ -189,6 +274,7 @@ def build_bento(model: Any, shadow: Any = None) -> Any:
     """The Bento of the service with ``model`` (and the ``shadow`` model, scored beside it);
     an existing one when nothing changed."""
     import bentoml
+    from bentoml._internal.bento.build_config import BentoEnvSchema  # what build() takes
 
     models = {"model": str(model.tag), "shadow": str(shadow.tag) if shadow else None}
     source = _source_hash(models)
@@ -196,7 +282,7 @@ def build_bento(model: Any, shadow: Any = None) -> Any:
         if bento.info.labels.get("source") == source:
             return bento
     cuda = torch_backend().startswith("cu")
-    docker: dict[str, Any] = {"env": {"TORCH_BACKEND": torch_backend()}}
+    docker: dict[str, Any] = {"env": {"TORCH_BACKEND": torch_backend(), **INSTALLER_ENV}}
     docker |= {"base_image": CUDA_IMAGE} if cuda else {"python_version": _python()}
     # BentoML reads these files only inside build_ctx: written there for the build, then removed.
     requirements = _requirements(SRC)
@@ -215,6 +301,8 @@ def build_bento(model: Any, shadow: Any = None) -> Any:
             include=_included(deployment),
             python={"requirements_txt": requirements.name, "lock_packages": False},
             docker=docker,
+            # Set before the image installs the requirements (and in the running image).
+            envs=[BentoEnvSchema(name=k, value=v, stage="build") for k, v in INSTALLER_ENV.items()],
             models=[tag for tag in models.values() if tag],
         )
     finally:
@@ -409,7 +497,11 @@ def _served_version(bento: Any) -> str | None:
 
 
 def serve(host: str, port: int, reload: bool, bento: str | None = None) -> None:
-    """Replace this process with ``bentoml serve`` (signals reach it directly: no orphans)."""
+    """Replace this process with ``bentoml serve`` (signals reach it directly: no orphans);
+    DeployError, before anything starts, for a non-loopback ``host`` with no token."""
+    refused = ServeSettings.from_env().exposure_error(host)
+    if refused:
+        raise DeployError(refused)
     if reload:
         target = [SERVICE, "--working-dir", str(SRC), "--reload"]
     else:
@@ -418,8 +510,19 @@ def serve(host: str, port: int, reload: bool, bento: str | None = None) -> None:
         target = [tag]
     # Resolved here: bentoml serve runs the service from the Bento's folder.
     os.environ[PREDICTION_LOG_ENV] = str(log_folder().resolve())
-    command = ["bentoml", "serve", *target, "--host", host, "--port", str(port)]
+    os.environ["SERVE_BIND_HOST"] = host  # a Host header naming the address is accepted
+    # SIGTERM: requests in flight get this long to finish (Kubernetes waits 30 s, then kills).
+    grace = ["--timeout-graceful-shutdown", str(GRACE_S)]
+    command = ["bentoml", "serve", *target, "--host", host, "--port", str(port), *grace]
     os.execvp(command[0], command)
+
+
+def example_request(rows: int) -> dict[str, Any]:
+    """A ready ``/predict`` body: the test split's first ``rows`` rows, as JSON carries them."""
+    from ..data.prepare import load_frame
+
+    frame, schema = load_frame("test")
+    return {"rows": json.loads(frame[schema.features].head(rows).to_json(orient="records"))}
 
 
 @cli_errors
@@ -436,7 +539,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int, default=3000)
     run.add_argument("--reload", action="store_true", help="serve the source tree, reload on edits")
     run.add_argument("--bento", help="serve this Bento tag instead of the champion's")
+    show = sub.add_parser("example", help=f"write a /predict body to {EXAMPLE_REQUEST}")
+    show.add_argument("--rows", type=int, default=1, help="rows of the test split (default: 1)")
     args = parser.parse_args(argv)
+    if args.command == "example":
+        EXAMPLE_REQUEST.parent.mkdir(parents=True, exist_ok=True)
+        EXAMPLE_REQUEST.write_text(json.dumps(example_request(args.rows), indent=2) + "\n")
+        print(f"request: {EXAMPLE_REQUEST} ({args.rows} rows of the test split)")
+        return 0
     if args.command == "serve":
         serve(args.host, args.port, args.reload, args.bento)
         return 0
