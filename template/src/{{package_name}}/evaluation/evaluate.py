@@ -465,7 +465,9 @@ def uncommitted() -> list[str] | None:
     """The code and configuration files that differ from git's HEAD (None outside git)."""
     try:
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--", *CODE_AND_CONFIG],
+            # Tracked files only (a new module counts once a tracked one imports it): listing
+            # untracked ones would read .gitignore, a file no stage declares.
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_AND_CONFIG],
             capture_output=True, text=True, timeout=20, check=True,
         ).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
