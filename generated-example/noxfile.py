@@ -653,6 +653,7 @@ def ci_deploy(session: nox.Session) -> None:
     repository = os.environ.get("IMAGE_REPOSITORY", "").strip().lower()
     if not repository:
         _fail_closed("IMAGE_REPOSITORY is not set: the image's name in the container registry")
+    (ROOT / "build" / "image.env").unlink(missing_ok=True)  # what this run ships, nothing older
     env = _serving_env(session)
     champion, deployed = _aliases(session, env)
     if champion is None:
@@ -699,17 +700,40 @@ def monitor_export(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def release(session: nox.Session) -> None:
-    """Render deploy/k8s and apply it: -- --to staging|production [--version V] [--dry-run].
+    """Render deploy/k8s and apply it: -- --to staging|production [--version N] [--dry-run].
 
     Exits with release.py's own code: 2 bad input, 3 no cluster reachable (nothing applied).
     """
+    _release(session, *session.posargs)
+
+
+def _release(session: nox.Session, *args: str) -> None:
     env = {k: v for k, v in {**os.environ, **project_env(session)}.items() if v is not None}
     python = VENV / ("Scripts" if sys.platform == "win32" else "bin") / "python"
-    command = [str(python), "-m", f"{PACKAGE}.serving.release", *session.posargs]
+    command = [str(python), "-m", f"{PACKAGE}.serving.release", *args]
     session.log(" ".join(["python", *command[1:]]))
     code = subprocess.run(command, cwd=ROOT, env=env).returncode
     if code:
         raise SystemExit(code)  # nox would make every failure exit code 1
+
+
+@nox.session(name="ci-release", default=False)
+def ci_release(session: nox.Session) -> None:
+    """CI's release: the image this job shipped (build/image.env) to -- --to staging|production.
+
+    Nothing to do (exit 0, said in one line) when the job shipped no image (the champion was
+    deployed already). Otherwise `nox -s release` with that image and model version, and its
+    exit codes: 3 when no cluster is reachable (KUBECONFIG), so the job fails and says so.
+    """
+    shipped = ROOT / "build" / "image.env"
+    if not shipped.is_file():
+        session.log("release: this job shipped no image (build/image.env): nothing to release")
+        return
+    fields = dict(line.split("=", 1) for line in shipped.read_text().split() if "=" in line)
+    if not {"image", "model_version"} <= fields.keys():
+        _fail_closed(f"{shipped.relative_to(ROOT)} names no image and model_version")
+    _release(session, "--image", fields["image"], "--version", fields["model_version"],
+             *session.posargs)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -369,10 +369,47 @@ def test_release_dry_run_through_nox(shipped: Project, tmp_path: Path) -> None:
     docs = [d for d in yaml.safe_load_all(written) if d]
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert image == f"ghcr.io/acme/my-ml-project:{champion}"
+    assert image == f"ghcr.io/acme/my-ml-project:model-v{champion}"  # what ci-deploy pushes
     assert "NOTHING applied" in proc.stderr
     assert {"Rollout", "AnalysisTemplate", "HTTPRoute"} <= {d["kind"] for d in docs}
     # Without --dry-run and without a cluster: nothing applied, exit code 3 through nox.
     applied = shipped.nox("release", "--", "--to", "staging", check=False, **env)
     assert applied.returncode == 3, applied.stderr[-2000:]
     assert "NOTHING applied" in applied.stderr
+
+
+def test_ci_release_ships_what_the_deploy_job_shipped(shipped: Project, tmp_path: Path) -> None:
+    """`nox -s ci-release`, as every provider's release job calls it after `ci-deploy`."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(NO_CLUSTER)
+    env = {"KUBECONFIG": str(kubeconfig)}
+    shipped_file = shipped.path / "build" / "image.env"
+    shipped_file.unlink(missing_ok=True)
+    # The deploy job shipped nothing (the champion was deployed already): nothing to release.
+    idle = shipped.nox("ci-release", "--", "--to", "staging", **env)
+    assert "shipped no image" in idle.stderr
+    assert "kubectl" not in idle.stderr  # nothing rendered, nothing asked of a cluster
+
+    # It shipped model v12 (build/image.env as ci-deploy writes it): that image, that version,
+    # and without a cluster the job fails with the release's own code, nothing applied.
+    shipped_file.parent.mkdir(parents=True, exist_ok=True)
+    shipped_file.write_text("image=ghcr.io/acme/shipped\ntag=model-v12\nmodel_version=12\n")
+    try:
+        proc = shipped.nox("ci-release", "--", "--to", "production", check=False, **env)
+    finally:
+        shipped_file.unlink()
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "NOTHING applied" in proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if isinstance(d, dict) and "kind" in d]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    template = deployment["spec"]["template"]
+    assert template["spec"]["containers"][0]["image"] == "ghcr.io/acme/shipped:model-v12"
+    assert template["metadata"]["labels"]["app.kubernetes.io/version"] == "12"
+    # A file that names no version is refused in one line (exit 2), nothing rendered.
+    shipped_file.write_text("image=ghcr.io/acme/shipped\n")
+    try:
+        bad = shipped.nox("ci-release", "--", "--to", "production", check=False, **env)
+    finally:
+        shipped_file.unlink()
+    assert bad.returncode == 2
+    assert "names no image and model_version" in bad.stderr

@@ -429,7 +429,8 @@ def test_jenkins_input_waits_only_in_builds_that_run_its_stage(
     says `beforeInput true`: without it every build would stop at the question."""
     text = (rendered[name] / "Jenkinsfile").read_text()
     asking = {n: body for n, body in jenkins_stages(text).items() if _directive(body, "input")}
-    assert set(asking) == {"Deploy", "Rollback"}
+    released = (rendered[name] / "deploy" / "k8s").is_dir()  # release_target: kubernetes
+    assert set(asking) == {"Deploy", "Rollback", *(["Release"] if released else [])}
     assert len(re.findall(r"\binput\s*\{", text)) == len(asking)  # no input elsewhere
     for stage, body in asking.items():
         when = _directive(body, "when")
@@ -472,7 +473,8 @@ def test_jenkins_agents_get_what_their_stages_call(rendered: dict[str, Path], na
         agent = _directive(body, "agent")
         if agent is not None and "label" in agent:
             labelled[stage] = body
-    assert set(labelled) == {"Train", "Deploy"}
+    released = (rendered[name] / "deploy" / "k8s").is_dir()  # release_target: kubernetes
+    assert set(labelled) == {"Train", "Deploy", *(["Release"] if released else [])}
     for stage, body in labelled.items():
         env = _directive(body, "environment") or ""
         tools = '"${env.WORKSPACE}@tmp/tools/bin/uvx --from nox=='

@@ -347,7 +347,7 @@ def test_release_dry_run_shows_what_it_would_apply(
         (d["kind"], d["metadata"]["name"]) for d in plain
     ]
     template = pod_template(shown)
-    assert template["spec"]["containers"][0]["image"] == f"{IMAGE}:7"
+    assert template["spec"]["containers"][0]["image"] == f"{IMAGE}:model-v7"
     assert template["metadata"]["labels"]["app.kubernetes.io/version"] == "7"
     assert [e for doc in shown for e in validation_errors(doc)] == []
 
@@ -364,7 +364,7 @@ def test_release_without_cluster_applies_nothing_and_says_so(
         pod_template([d for d in yaml.safe_load_all(proc.stdout) if d])["spec"]["containers"][0][
             "image"
         ]
-        == f"{IMAGE}:7"
+        == f"{IMAGE}:model-v7"
     )
 
 

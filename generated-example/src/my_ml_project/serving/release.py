@@ -1,12 +1,13 @@
 """Release the served model to Kubernetes (``nox -s release -- --to staging|production``).
 
 Renders ``deploy/k8s/overlays/<env>`` with kustomize (``kubectl kustomize``), the image set to
-``<IMAGE_REPOSITORY>:<model version>`` and the pods labelled with that version, writes it to
+``<IMAGE_REPOSITORY>:model-v<N>`` (the tag ``nox -s ci-deploy`` pushes for model version N) and
+the pods labelled ``app.kubernetes.io/version: <N>``, writes it to
 ``build/release/<env>.yaml``, and applies it with ``kubectl apply --server-side``. Staging is a
 plain rolling update; production is an Argo Rollouts canary that Prometheus judges
 (``deploy/k8s/overlays/production/analysis.yaml``).
 
-``--version V``: the model version (the image tag); default: the registry's ``champion``.
+``--version N``: the model version (image tag ``model-vN``); default: the registry's ``champion``.
 ``--image REPO``: the image repository; default: ``$IMAGE_REPOSITORY`` (as ``nox -s deploy
 -- --containerize`` uses it). ``--dry-run``: show what would be applied, apply nothing (with a
 cluster reachable, the API server checks it too: ``--dry-run=server``).
@@ -40,6 +41,7 @@ NO_CLUSTER = 3
 # Docker's rules for a tag and (lowercase) for a repository, so that kustomize never renders
 # an image reference the cluster would refuse.
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")  # a label's value
 REPOSITORY = re.compile(
     r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
 )
@@ -59,6 +61,11 @@ def kubectl() -> str:
     return path
 
 
+def image_tag(version: str) -> str:
+    """The image tag of model version ``version``: what ``nox -s ci-deploy`` pushes."""
+    return f"model-v{version}"
+
+
 def kustomization(env: str, repository: str, version: str) -> str:
     """A kustomization over the environment's overlay: the image and the version label set."""
     overlay = Path("..", "..", "..", OVERLAYS, env).as_posix()  # from build/release/<env>/
@@ -67,7 +74,7 @@ def kustomization(env: str, repository: str, version: str) -> str:
         "apiVersion: kustomize.config.k8s.io/v1beta1\n"
         "kind: Kustomization\n"
         f"resources: [{overlay}]\n"
-        f"images: [{{name: {IMAGE}, newName: {repository}, newTag: '{version}'}}]\n"
+        f"images: [{{name: {IMAGE}, newName: {repository}, newTag: '{image_tag(version)}'}}]\n"
         "labels:\n"
         f"  - pairs: {{app.kubernetes.io/version: '{version}'}}\n"
         "    includeTemplates: true\n"
@@ -84,7 +91,7 @@ def render(root: Path, env: str, repository: str, version: str) -> str:
         raise ReleaseError(
             f"image repository {repository!r} is not valid (lowercase, e.g. ghcr.io/org/name)"
         )
-    if not TAG.fullmatch(version):
+    if not TAG.fullmatch(image_tag(version)) or not LABEL.fullmatch(version):
         raise ReleaseError(f"model version {version!r} is not a valid image tag")
     folder = root / OUT / env
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     manifests = render(Path.cwd(), args.to, repository, version)
     out = OUT / f"{args.to}.yaml"
     out.write_text(manifests, encoding="utf-8")
-    image = f"{repository}:{version}"
+    image = f"{repository}:{image_tag(version)}"
     objects = summary(manifests)
     print(f"release: {args.to}, image {image}, {len(objects)} objects ({out})", file=sys.stderr)
     if not cluster_reachable():
