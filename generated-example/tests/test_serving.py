@@ -429,6 +429,21 @@ def test_exposing_the_service_needs_a_token(env: dict, host: str, refused) -> No
         assert "\n" not in said
 
 
+def test_an_image_without_its_token_never_starts(monkeypatch) -> None:
+    """In BentoML's image the service binds 0.0.0.0 (no `nox -s serve` in front of it): the
+    service itself refuses, before it loads a model."""
+    from my_ml_project.core.config import ProjectError
+    from my_ml_project.serving.service import CONTAINERIZED, build_service
+
+    monkeypatch.setenv(CONTAINERIZED, "true")
+    with pytest.raises(ProjectError, match="without SERVICE_API_TOKEN") as refused:
+        build_service(ServeSettings.from_env({}))
+    assert "this container serves 0.0.0.0" in str(refused.value)
+    open_feedback = {"SERVICE_API_TOKEN": "t", "SERVE_FEEDBACK_OPEN": "yes"}
+    with pytest.raises(ProjectError, match="SERVE_FEEDBACK_OPEN and no SERVICE_FEEDBACK_TOKEN"):
+        build_service(ServeSettings.from_env(open_feedback))
+
+
 def test_feedback_finds_a_request_in_the_index_without_reading_the_log(tmp_path) -> None:
     log = PredictionLog(tmp_path, flush_s=60)
     log.record("b" * 32, "1", [ROW] * 3, [{"label": "x"}] * 3)

@@ -22,6 +22,7 @@ import functools
 import gc
 import json
 import logging
+import os
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,10 +110,19 @@ def model_card(stored: Any) -> dict[str, Any]:
     return card | {"classes": meta["config"]["class_names"], "bento_model": str(stored.tag)}
 
 
+CONTAINERIZED = "BENTOML_CONTAINERIZED"  # set in every image `bentoml containerize` builds
+
+
 def build_service(settings: ServeSettings | None = None, deployment: Path = DEPLOYMENT) -> Any:
     """The BentoML service of the models ``deployment`` names, configured by ``settings``
     (default: the environment, :meth:`ServeSettings.from_env`)."""
     SETTINGS = settings or ServeSettings.from_env()
+    if os.environ.get(CONTAINERIZED) and not SETTINGS.bind_host:
+        # BentoML's image serves every interface (0.0.0.0): the rule of `nox -s serve` holds
+        # there too, so an image run without its token never starts open.
+        refused = SETTINGS.exposure_error("0.0.0.0")
+        if refused:
+            raise ProjectError(f"{refused} (this container serves 0.0.0.0)")
     GPU = torch_backend().startswith("cu")  # the project's accelerator: a GPU is asked for cuda
     MODELS = deployed_models(deployment)
     MODEL_REF = bentoml.models.BentoModel(MODELS["model"])
