@@ -400,7 +400,9 @@ def test_ci_release_ships_what_the_deploy_job_shipped(shipped: Project, tmp_path
         shipped_file.unlink()
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "NOTHING applied" in proc.stderr
-    docs = [d for d in yaml.safe_load_all(proc.stdout) if isinstance(d, dict) and "kind" in d]
+    written = (shipped.path / "build" / "release" / "production.yaml").read_text()
+    assert written in proc.stdout  # printed whole, after the environment's own output
+    docs = [d for d in yaml.safe_load_all(written) if d]
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     template = deployment["spec"]["template"]
     assert template["spec"]["containers"][0]["image"] == "ghcr.io/acme/shipped:model-v12"
