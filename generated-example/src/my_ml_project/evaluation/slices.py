@@ -188,6 +188,24 @@ def mlflow_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def slice_accuracy(labels: pd.DataFrame, y: Any, pred: Any) -> dict[str, dict[str, Any]]:
+    """``{column: {slice: {"rows", "accuracy"}}}`` of predictions ``pred`` of truths ``y``
+    (class indices or labels alike), sliced by ``labels``."""
+    out: dict[str, dict[str, Any]] = {}
+    for column in labels.columns:
+        table = MetricFrame(
+            metrics={"rows": count, "accuracy": skm.accuracy_score},
+            y_true=np.asarray(y),
+            y_pred=np.asarray(pred),
+            sensitive_features=labels[column].to_numpy(),
+        ).by_group
+        out[column] = {
+            str(name): {"rows": int(row["rows"]), "accuracy": round(float(row["accuracy"]), 6)}
+            for name, row in table.iterrows()
+        }
+    return out
+
+
 @dataclass
 class SliceDrop:
     """A slice on which the candidate's accuracy is below the champion's."""
@@ -220,22 +238,12 @@ def slice_drops(
     champion's by more than ``max_drop``, the largest drop first. Both predict the same rows
     (``y``: the true class indices), sliced by ``labels``."""
     drops: list[SliceDrop] = []
-    for column in labels.columns:
-        groups = labels[column].to_numpy()
-        frames = [
-            MetricFrame(
-                metrics={"rows": count, "accuracy": skm.accuracy_score},
-                y_true=y,
-                y_pred=pred,
-                sensitive_features=groups,
-            ).by_group
-            for pred in (candidate_pred, champion_pred)
-        ]
-        cand, champ = frames
-        for name in cand.index:
-            rows = int(cand.loc[name, "rows"])
-            a, b = float(cand.loc[name, "accuracy"]), float(champ.loc[name, "accuracy"])
+    candidate = slice_accuracy(labels, y, candidate_pred)
+    champion = slice_accuracy(labels, y, champion_pred)
+    for column, slices in candidate.items():
+        for name, entry in slices.items():
+            a, b = entry["accuracy"], champion[column][name]["accuracy"]
             # The tolerance keeps a drop of exactly max_drop (k/n in floats) from counting.
-            if rows >= min_rows and b - a > max_drop + 1e-9:
-                drops.append(SliceDrop(str(name), rows, a, b))
+            if entry["rows"] >= min_rows and b - a > max_drop + 1e-9:
+                drops.append(SliceDrop(name, entry["rows"], a, b))
     return sorted(drops, key=lambda d: d.drop, reverse=True)
