@@ -146,7 +146,7 @@ def _clean(value: Any) -> Any:
     value = float(value)
     if math.isnan(value):
         return None
-    return int(value) if value.is_integer() and abs(value) > 1 else round(value, 6)
+    return round(value, 6)
 
 
 def slice_report(
@@ -158,7 +158,8 @@ def slice_report(
     for column, frame in metric_frames(labels, y, proba).items():
         table = frame.by_group
         slices = {
-            str(name): {k: _clean(v) for k, v in row.items()} for name, row in table.iterrows()
+            str(name): {k: int(v) if k == "rows" else _clean(v) for k, v in row.items()}
+            for name, row in table.iterrows()
         }
         judged = table[table["rows"] >= min_rows]
         names = [c for c in table.columns if c != "rows"]
