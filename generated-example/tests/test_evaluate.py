@@ -642,6 +642,39 @@ def test_the_slice_rule_ignores_small_slices_and_small_drops() -> None:
     assert tolerant.decision == "promoted"
 
 
+def test_a_slice_regression_blocks_promotion_through_the_gate(
+    params: Params,
+    update_params: Callable[[dict[str, Any]], Params],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The model reading all four features beats the one reading feature_0 alone overall, but
+    not on the synthetic holdout's upper half of feature_1 (9 rows: 7 right against 8)."""
+    sliced = {"slices": {"columns": ["feature_1"], "bins": 2}, "min_slice_rows": 5}
+    params = update_params({"evaluate": {**sliced, "max_slice_drop": 0.1}})
+    champion = publish(weak_model(), params)
+    assert evaluate.main([]) == 0
+    candidate = publish(good_model(), params)
+    capsys.readouterr()
+    assert evaluate.main([]) == evaluate.GATE_FAILED_EXIT
+    err = capsys.readouterr().err
+    v_old, v_new = champion["model_version"], candidate["model_version"]
+    assert err.startswith(
+        f"error: GATE FAILED (slice): candidate v{v_new} beats champion v{v_old} overall, but "
+        "on slice feature_1 in ["
+    ), err
+    assert "(9 holdout rows) accuracy 0.7778 < champion's 0.8889" in err
+    assert len(err.strip().splitlines()) == 1
+    name = candidate["model_name"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == v_old
+    assert registry.get_alias_version(name, registry.CHALLENGER) is None  # a tag, no alias
+    assert version_tags(name, v_new)["gate"] == "slice_regression"
+    assert [d["rows"] for d in gate()["slice_drops"]] == [9]
+    # A drop the rule tolerates: the same candidate is promoted.
+    update_params({"evaluate": {**sliced, "max_slice_drop": 0.2}})
+    assert evaluate.main([]) == 0
+    assert registry.get_alias_version(name, registry.CHAMPION) == v_new
+
+
 def test_numeric_slices_use_bin_edges_of_the_train_split(prepared_project: Path) -> None:
     train, schema = load_frame("train")
     test, _ = load_frame("test")
