@@ -76,7 +76,8 @@ def _mixed_project(pristine: Project, dst: Path) -> Project:
     project = pristine.copy(dst)
     project.py("-c", MIXED_CSV)
     project.set_params(
-        data={"raw_path": "data/raw/customers.csv", "target": "churned", "missing": "impute"}
+        data={"raw_path": "data/raw/customers.csv", "target": "churned", "missing": "impute"},
+        evaluate={"slices": {"columns": ["plan", "tenure"], "bins": 2}},
     )
     return project
 
@@ -98,6 +99,13 @@ def test_mixed_csv_trains_and_answers_raw_rows(pristine: Project, tmp_path: Path
     evaluation = project.json("metrics/evaluate.json")
     assert evaluation["accuracy"] >= evaluation["baseline_accuracy"] + 0.25, evaluation
     assert evaluation["roc_auc"] >= 0.85, evaluation
+    # Slices of a text column by its labels (gaps a slice of their own), of a number in 2 bins.
+    by_column = project.json("metrics/slices.json")["by_column"]
+    plans = by_column["plan"]["slices"]
+    assert "plan=Équipe, 5 sièges" in plans
+    assert "plan is missing" in plans
+    assert sum(s["rows"] for s in plans.values()) == evaluation["n_test"]
+    assert len(by_column["tenure"]["slices"]) == 3  # 2 bins, and the imputed gaps
     assert project.registry()["champion"] == 1
 
     answer = json.loads(project.py("-c", PREDICT).stdout)

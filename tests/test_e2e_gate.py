@@ -34,6 +34,11 @@ def test_deleted_artefacts_and_a_worse_model_keep_the_champion(
     project = pristine.copy(tmp_path / "fault")
     project.nox("train")
     assert project.registry()["champion"] == 1
+    # The shipped slices, on the sample data: each column's slices hold every test row.
+    slices = project.json("metrics/slices.json")["by_column"]
+    n_test = project.json("metrics/evaluate.json")["n_test"]
+    assert set(slices) == {"mean_radius", "mean_texture"}
+    assert all(sum(s["rows"] for s in c["slices"].values()) == n_test for c in slices.values())
     shutil.rmtree(project.path / "mlartifacts")
     project.set_params(train={"epochs": 1, "lr": 1e-6})
 

@@ -59,6 +59,11 @@ def test_shipped_params_are_valid(template_params: dict[str, Any]) -> None:
         ("evaluate", "promotion_margin", -0.1, "evaluate.promotion_margin: Input should be"),
         ("evaluate", "promotion_margin", "a lot", "evaluate.promotion_margin: Input should"),
         ("evaluate", "min_score", 2, "evaluate.min_score: Input should be less than or equal to 1"),
+        ("evaluate", "slices", {"columns": ["a", "a"]}, "evaluate.slices.columns: lists columns"),
+        ("evaluate", "slices", {"columns": "a"}, "evaluate.slices.columns: Input should be a"),
+        ("evaluate", "slices", {"columns": [], "bins": 1}, "evaluate.slices.bins: Input should be"),
+        ("evaluate", "max_slice_drop", 1.5, "evaluate.max_slice_drop: Input should be less than"),
+        ("evaluate", "min_slice_rows", 0, "evaluate.min_slice_rows: Input should be greater than"),
         ("mlflow", "model_name", "", "mlflow.model_name: String should have at least 1 char"),
         # pragma: allowlist nextline secret
         ("mlflow", "tracking_uri", "https://u:pw@mlflow.example", "'https://u:***@mlflow.ex"),

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from my_ml_project.core import paths
-from my_ml_project.core.config import ModelParams, Params, ProjectError
-from my_ml_project.data.prepare import load_row_keys, load_split
+from my_ml_project.core.config import ModelParams, Params, ProjectError, SliceParams
+from my_ml_project.data.prepare import Schema, load_frame, load_row_keys, load_split
 from my_ml_project.evaluation import evaluate
+from my_ml_project.evaluation import slices as slicing
 from my_ml_project.model.network import TabularClassifier, build_model, save_model
 from my_ml_project.registry import store as registry
 from my_ml_project.training import train
@@ -585,3 +586,138 @@ def test_a_store_without_the_committed_champion_is_undecided(
     assert f"names champion v7 of '{name}'" in err
     assert "Fix: point MLFLOW_TRACKING_URI at the project's registry" in err
     assert registry.get_alias_version(name, registry.CHAMPION) is None
+
+
+# Slices (evaluation/slices.py) and the gate's slice rule.
+
+
+def sliced_split(n: int = 80) -> evaluate.TestSplit:
+    """A test split of ``n`` rows sliced by ``plan`` (half basic, half pro); every label is 1."""
+    frame = pd.DataFrame({"plan": ["basic", "pro"] * (n // 2), "label": ["1"] * n})
+    schema = Schema(["plan"], "label", ["0", "1"], kinds={"plan": "categorical"})
+    test = evaluate.TestSplit(
+        frame, np.ones(n, dtype=np.int64), schema, np.arange(n, dtype=np.uint64)
+    )
+    test.slices = slicing.make_slicer(SliceParams(columns=["plan"]), schema, frame).labels(frame)
+    return test
+
+
+def decision(max_drop: float = 0.1, min_rows: int = 30) -> evaluate.Decision:
+    return evaluate.Decision(
+        decision="promoted", reason="", metric="accuracy", model_name="m",
+        candidate_version="2", candidate_score=0.9, baseline_score=0.5, min_score=0.0,
+        margin=0.001, champion_version="1", max_slice_drop=max_drop, min_slice_rows=min_rows,
+    )  # fmt: skip
+
+
+def test_a_regression_on_one_slice_refuses_promotion_naming_the_slice() -> None:
+    """The candidate is right on every basic row and on 70% of pro rows (the champion: on all
+    rows): better overall need not be better for everyone."""
+    test = sliced_split()
+    pro = test.frame["plan"].to_numpy() == "pro"
+    wrong = pro & (np.cumsum(pro) % 10 < 3)  # 12 of the 40 pro rows
+    test.proba = np.where(wrong[:, None], [0.9, 0.1], [0.1, 0.9])
+    d = decision()
+    evaluate.slice_rule(d, test, champion_pred=np.ones(len(test.y), dtype=np.int64))
+    assert d.decision == "slice_regression"
+    assert "on slice plan=pro (40 holdout rows) accuracy 0.7000 < champion's 1.0000" in d.reason
+    assert "plan=basic" not in d.reason
+    assert [x["slice"] for x in d.slice_drops] == ["plan=pro"]
+    summary = evaluate.slice_summary(d)
+    assert summary.startswith("GATE FAILED (slice): candidate v2 ")
+    assert len(summary.splitlines()) == 1
+
+
+def test_the_slice_rule_ignores_small_slices_and_small_drops() -> None:
+    test = sliced_split()
+    pro = test.frame["plan"].to_numpy() == "pro"
+    wrong = pro & (np.cumsum(pro) % 10 < 3)
+    test.proba = np.where(wrong[:, None], [0.9, 0.1], [0.1, 0.9])
+    champion = np.ones(len(test.y), dtype=np.int64)
+    small = decision(min_rows=41)  # the pro slice holds 40 rows: reported, not judged
+    evaluate.slice_rule(small, test, champion)
+    assert (small.decision, small.slice_drops) == ("promoted", [])
+    tolerant = decision(max_drop=0.3)  # a drop of exactly 0.3 is allowed
+    evaluate.slice_rule(tolerant, test, champion)
+    assert tolerant.decision == "promoted"
+
+
+def test_a_slice_regression_blocks_promotion_through_the_gate(
+    params: Params,
+    update_params: Callable[[dict[str, Any]], Params],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The model reading all four features beats the one reading feature_0 alone overall, but
+    not on the synthetic holdout's upper half of feature_1 (9 rows: 7 right against 8)."""
+    sliced = {"slices": {"columns": ["feature_1"], "bins": 2}, "min_slice_rows": 5}
+    params = update_params({"evaluate": {**sliced, "max_slice_drop": 0.1}})
+    champion = publish(weak_model(), params)
+    assert evaluate.main([]) == 0
+    candidate = publish(good_model(), params)
+    capsys.readouterr()
+    assert evaluate.main([]) == evaluate.GATE_FAILED_EXIT
+    err = capsys.readouterr().err
+    v_old, v_new = champion["model_version"], candidate["model_version"]
+    assert err.startswith(
+        f"error: GATE FAILED (slice): candidate v{v_new} beats champion v{v_old} overall, but "
+        "on slice feature_1 in ["
+    ), err
+    assert "(9 holdout rows) accuracy 0.7778 < champion's 0.8889" in err
+    assert len(err.strip().splitlines()) == 1
+    name = candidate["model_name"]
+    assert registry.get_alias_version(name, registry.CHAMPION) == v_old
+    assert registry.get_alias_version(name, registry.CHALLENGER) is None  # a tag, no alias
+    assert version_tags(name, v_new)["gate"] == "slice_regression"
+    assert [d["rows"] for d in gate()["slice_drops"]] == [9]
+    # A drop the rule tolerates: the same candidate is promoted.
+    update_params({"evaluate": {**sliced, "max_slice_drop": 0.2}})
+    assert evaluate.main([]) == 0
+    assert registry.get_alias_version(name, registry.CHAMPION) == v_new
+
+
+def test_numeric_slices_use_bin_edges_of_the_train_split(prepared_project: Path) -> None:
+    train, schema = load_frame("train")
+    test, _ = load_frame("test")
+    slicer = slicing.make_slicer(SliceParams(columns=["feature_0"], bins=4), schema, train)
+    edges = slicer.edges["feature_0"]
+    assert edges == pytest.approx(list(np.quantile(train["feature_0"], [0.25, 0.5, 0.75])))
+    assert edges != pytest.approx(list(np.quantile(test["feature_0"], [0.25, 0.5, 0.75])))
+    labels = slicer.labels(test)["feature_0"]
+    assert labels.nunique() <= 4
+    first = test["feature_0"].to_numpy() < edges[0]
+    assert set(labels[first]) == {f"feature_0 in [-inf, {edges[0]:.6g})"}
+
+
+def test_an_unknown_slice_column_is_a_one_line_error(
+    params: Params,
+    update_params: Callable[[dict[str, Any]], Params],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    params = update_params({"evaluate": {"slices": {"columns": ["feature_0", "plann"]}}})
+    publish(good_model(), params)
+    capsys.readouterr()
+    assert evaluate.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: params.yaml evaluate.slices.columns: unknown column plann:")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_slice_metrics_are_written_and_logged(
+    params: Params, update_params: Callable[[dict[str, Any]], Params]
+) -> None:
+    params = update_params(
+        {"evaluate": {"slices": {"columns": ["feature_0"], "bins": 2}, "min_slice_rows": 1}}
+    )
+    info = publish(good_model(), params)
+    evaluate.main([])
+    report = json.loads(paths.SLICES_FILE.read_text())
+    entry = report["by_column"]["feature_0"]
+    n_test = json.loads(paths.EVAL_METRICS.read_text())["n_test"]
+    assert sum(s["rows"] for s in entry["slices"].values()) == n_test
+    accuracies = [s["accuracy"] for s in entry["slices"].values()]
+    assert entry["gap"]["accuracy"] == pytest.approx(max(accuracies) - min(accuracies), abs=1e-5)
+    run = mlflow.MlflowClient().get_run(info["run_id"])
+    assert run.data.metrics["test_slice_feature_0_accuracy_gap"] == pytest.approx(
+        entry["gap"]["accuracy"]
+    )
+    assert gate()["min_slice_rows"] == 1

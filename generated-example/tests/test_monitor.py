@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from my_ml_project.core.config import MonitorParams, Params, load_params
+from my_ml_project.core.config import MonitorParams, Params, SliceParams, load_params
 from my_ml_project.core.features import NUMERIC
 from my_ml_project.core.fileio import file_md5
 from my_ml_project.data.prepare import Schema, load_frame, prepare
+from my_ml_project.evaluation.slices import Slicer
 from my_ml_project.monitoring.drift import chi2_homogeneity, judge, plan
 from my_ml_project.monitoring.monitor import (
     PREDICTION,
@@ -408,11 +409,19 @@ def test_current_with_labels_is_judged_against_the_served_model(
     )
     path = tmp_path / "current.csv"
     frame.to_csv(path, index=False)
-    result, _ = monitor(PARAMS, tmp_path / "log", path)
+    slices = SliceParams(columns=["plan", "tenure"], bins=2)
+    result, folder = monitor(PARAMS, tmp_path / "log", path, slices=slices)
     assert result.status == "degraded", result.reasons
     entry = result.quality["versions"]["1"]
     assert entry["accuracy"] == pytest.approx(0.5, abs=0.02)
     assert entry["p_value"] < PARAMS.quality_alpha
+    # Quality per slice: every labelled row in one slice of each column, the tenure bins cut at
+    # the train split's median.
+    for column in ("plan", "tenure"):
+        assert sum(e["rows"] for e in entry["slices"][column].values()) == entry["rows"]
+    median = float(load_frame("train")[0]["tenure"].median())
+    assert f"tenure in [-inf, {median:.6g})" in entry["slices"]["tenure"]
+    assert MonitorResult.read(folder / "result.json").quality == result.quality
     right = frame.assign(label=test["churned"])
     right.to_csv(path, index=False)
     result, _ = monitor(PARAMS, tmp_path / "log", path)
@@ -523,3 +532,25 @@ def test_retrain_adds_each_labelled_row_once(
     again = retrain(logs, dry_run=False, commit=True)
     assert (again["rows"], again["repeated"]) == (0, 4)
     assert len(raw.read_text().splitlines()) == lines + 8
+
+
+def test_quality_per_slice_with_labels() -> None:
+    """Wrong on every pro row, right on every basic one: the slices say so, and the result
+    still reads back with this schema version (the slices are an added key)."""
+    frame = pd.DataFrame(
+        {
+            "plan": ["basic", "pro"] * 20,
+            "target": ["yes"] * 40,
+            PREDICTION: ["yes", "no"] * 20,
+            "model_version": ["3"] * 40,
+        }
+    )
+    slicer = Slicer(["plan"], {"plan": "categorical"})
+    entry = quality(Traffic(frame, "file"), {}, PARAMS, slicer)["versions"]["3"]
+    assert entry["slices"] == {
+        "plan": {
+            "plan=basic": {"rows": 20, "accuracy": 1.0},
+            "plan=pro": {"rows": 20, "accuracy": 0.0},
+        }
+    }
+    assert "slices" not in quality(Traffic(frame, "file"), {}, PARAMS)["versions"]["3"]

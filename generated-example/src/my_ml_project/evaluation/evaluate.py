@@ -15,14 +15,18 @@ The gate, in order:
    name. The candidate becomes champion only if its score > champion's + ``promotion_margin``
    (> 0: a tie never promotes), else it gets the alias ``challenger`` (``NOT PROMOTED``, exit
    code 0: a valid experiment that is not better must not break ``dvc repro``).
+   A candidate that wins is still refused (``GATE FAILED (slice)``, exit code 3, no alias) when
+   its accuracy on any slice of ``evaluate.slices`` with at least ``evaluate.min_slice_rows``
+   holdout rows is below the champion's by more than ``evaluate.max_slice_drop`` (slices.py).
 3. fail closed: when the champion cannot be judged (artefacts gone, store down, other features
    or classes, no record of its training rows, fewer than ``evaluate.min_holdout`` holdout
    rows), nothing moves: ``GATE UNDECIDED``, exit code 4, the cause and its own fix in one line.
    Replacing an unusable champion on purpose takes ``--replace-unloadable-champion`` (or the
    environment variable ``REPLACE_UNLOADABLE_CHAMPION=1``, which reaches the stage through
    ``dvc repro``).
-Outputs: metrics/evaluate.json, metrics/gate.json, plots/confusion.csv, plots/curve.csv; the test
-metrics are logged to the training run (``test_*``) and the version is tagged with the decision.
+Outputs: metrics/evaluate.json, metrics/gate.json, metrics/slices.json, plots/confusion.csv,
+plots/curve.csv; the test metrics are logged to the training run (``test_*``, slices.json as an
+artifact) and the version is tagged with the decision.
 """
 
 from __future__ import annotations
@@ -52,11 +56,13 @@ from ..core.paths import (
     MODEL_FILE,
     PROCESSED_DIR,
     RUN_FILE,
+    SLICES_FILE,
     module,
 )
 from ..data.prepare import DataError, Schema, load_frame, load_row_keys, load_split, to_arrays
 from ..model.network import TabularClassifier, load_model
 from ..registry import store as registry
+from . import slices as slicing
 
 GATE_FAILED_EXIT = 3
 GATE_UNDECIDED_EXIT = 4
@@ -71,6 +77,7 @@ LABELS = {
     "experiment": "NOT PROMOTED (experiment)",
     "uncommitted": "NOT PROMOTED (uncommitted workspace)",
     "failed": "GATE FAILED",
+    "slice_regression": "GATE FAILED (slice)",
     "undecided": "GATE UNDECIDED",
 }
 
@@ -96,7 +103,8 @@ class Decision:
     """What the gate decided; written to metrics/gate.json."""
 
     decision: (
-        str  # promoted | not_promoted | blocked | experiment | uncommitted | failed | undecided
+        str  # promoted | not_promoted | blocked | experiment | uncommitted | failed |
+        # slice_regression | undecided
     )
     reason: str
     metric: str
@@ -114,6 +122,10 @@ class Decision:
     excluded_rows: int | None = None  # test rows a model trained on, left out of the holdout
     candidate_holdout_score: float | None = None
     fix: str = ""  # an undecided gate's own fix
+    # The slice rule (evaluate.slices): the slices where the candidate fell too far behind.
+    max_slice_drop: float | None = None
+    min_slice_rows: int | None = None
+    slice_drops: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -126,11 +138,13 @@ class TestSplit:
     schema: Schema
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     proba: np.ndarray | None = None
+    slices: pd.DataFrame | None = None  # each row's slice per column of evaluate.slices
 
     def subset(self, mask: np.ndarray) -> TestSplit:
         proba = None if self.proba is None else self.proba[mask]
         frame = self.frame[mask].reset_index(drop=True)
-        return TestSplit(frame, self.y[mask], self.schema, self.keys[mask], proba)
+        labels = None if self.slices is None else self.slices[mask].reset_index(drop=True)
+        return TestSplit(frame, self.y[mask], self.schema, self.keys[mask], proba, labels)
 
 
 def predict_proba(model: TabularClassifier, frame: pd.DataFrame) -> np.ndarray:
@@ -297,6 +311,41 @@ def load_champion(name: str, version: str, test: TestSplit) -> TabularClassifier
     return champion
 
 
+def champion_predictions(champion: TabularClassifier, version: str, test: TestSplit) -> np.ndarray:
+    """The champion's predicted classes of ``test``'s rows, as indices into this split's classes
+    (its own class order may differ); ChampionUnusableError when it cannot score them."""
+    try:
+        proba = predict_proba(champion, test.frame)
+    except Exception as exc:
+        raise ChampionUnusableError(
+            f"champion v{version} cannot be scored on the slices ({_one_line(exc)})"
+        ) from None
+    index = {label: i for i, label in enumerate(test.schema.classes)}
+    return np.array([index[str(champion.class_names[i])] for i in proba.argmax(axis=1)])
+
+
+def slice_rule(d: Decision, held: TestSplit, champion_pred: np.ndarray) -> None:
+    """Refuse a winning candidate that fell behind the champion on a large enough slice."""
+    assert held.proba is not None
+    assert held.slices is not None
+    drops = slicing.slice_drops(
+        held.slices,
+        held.y,
+        held.proba.argmax(axis=1),
+        champion_pred,
+        d.min_slice_rows or 1,
+        d.max_slice_drop or 0.0,
+    )
+    d.slice_drops = [{**asdict(x), "drop": round(x.drop, 6)} for x in drops]
+    if drops:
+        more = f" (and {len(drops) - 1} more slices)" if len(drops) > 1 else ""
+        d.decision = "slice_regression"
+        d.reason = (
+            f"candidate v{d.candidate_version} beats champion v{d.champion_version} overall, but "
+            f"{drops[0].text()} {_fmt(d.max_slice_drop or 0.0)} (evaluate.max_slice_drop){more}"
+        )
+
+
 def champion_score(
     champion: TabularClassifier, version: str, test: TestSplit, metric: str
 ) -> float:
@@ -377,6 +426,9 @@ def compare(
         assert held.proba is not None, "evaluate() scores the candidate first"
         d.candidate_holdout_score = score(metric, compute_metrics(held.y, held.proba), "model")
         d.champion_score = champion_score(model, champion, held, metric)
+        champion_pred = None
+        if held.slices is not None and len(held.slices.columns):
+            champion_pred = champion_predictions(model, champion, held)
     except (ChampionUnusableError, registry.RegistryError) as exc:
         what = (
             str(exc) if isinstance(exc, ChampionUnusableError) else f"champion v{champion}: {exc}"
@@ -393,6 +445,8 @@ def compare(
     )
     if d.candidate_holdout_score > d.champion_score + d.margin:
         d.reason = comparison.format(">")
+        if champion_pred is not None:
+            slice_rule(d, held, champion_pred)
     else:
         d.decision, d.reason = "not_promoted", comparison.format("<=")
 
@@ -410,6 +464,8 @@ def promote(
             compare(d, test, replace_unloadable, seen)
             if d.decision == "undecided":
                 return _undecided(d)
+            if d.decision == "slice_regression":
+                return slice_summary(d)
             if registry.get_alias_version(d.model_name, registry.CHAMPION) == d.champion_version:
                 return apply_decision(d)
         d.decision, d.reason = "undecided", "the champion alias kept moving during evaluation"
@@ -441,6 +497,15 @@ def apply_decision(d: Decision) -> str:
         registry.set_alias(name, registry.CHALLENGER, version)
         after = f"'{name}' v{d.champion_version} stays champion; v{version} is the challenger."
     return f"{LABELS[d.decision]}: {d.reason}. {after}"
+
+
+def slice_summary(d: Decision) -> str:
+    """A candidate refused by the slice rule: a tag, never an alias (as a failed one)."""
+    return (
+        f"{LABELS[d.decision]}: {d.reason}. '{d.model_name}' v{d.champion_version} stays "
+        f"champion. Fix: see {SLICES_FILE} and improve the model on that slice, or raise "
+        "evaluate.max_slice_drop on purpose."
+    )
 
 
 def failed_summary(d: Decision) -> str:
@@ -543,6 +608,7 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
         )
     proba = predict_proba(model, test.frame)
     test.proba = proba
+    slice_metrics = slice_outputs(cfg, test)
     metrics = compute_metrics(test.y, proba)
     baseline = baseline_metrics(test.y, class_priors(len(test.schema.classes), test.y))
     candidate_score = score(cfg.metric, metrics, "model")
@@ -561,11 +627,13 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
         min_score=cfg.min_score,
         margin=cfg.promotion_margin,
         min_holdout=cfg.min_holdout,
+        max_slice_drop=cfg.max_slice_drop if cfg.slices.columns else None,
+        min_slice_rows=cfg.min_slice_rows if cfg.slices.columns else None,
     )
     uri = registry.tracking_uri(params.mlflow)
     try:
         registry.configure(params.mlflow)
-        summary = _gate(d, test, info, report, replace_unloadable, uri)
+        summary = _gate(d, test, info, {**report, **slice_metrics}, replace_unloadable, uri)
     except ProjectError:
         raise
     except Exception as exc:  # the store is down or failed mid-way: nothing moves, say so
@@ -577,12 +645,26 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
         )
         summary = _undecided(d)
     atomic_write_text(GATE_FILE, json.dumps(asdict(d), indent=2) + "\n")
-    if d.decision == "failed":
+    if d.decision in ("failed", "slice_regression"):
         raise GateFailedError(summary)
     if d.decision == "undecided":
         raise GateUndecidedError(summary)
     print(summary)
     return d
+
+
+def slice_outputs(cfg: EvaluateParams, test: TestSplit) -> dict[str, float]:
+    """Slice the test rows (bins from the train split), write metrics/slices.json; return the
+    numbers for the MLflow run. No slices configured: the file says so, and nothing is judged."""
+    report: dict[str, Any] = {"columns": [], "by_column": {}}
+    if cfg.slices.columns:
+        train, _ = load_frame("train")
+        slicer = slicing.make_slicer(cfg.slices, test.schema, train)
+        test.slices = slicer.labels(test.frame)
+        assert test.proba is not None
+        report = slicing.slice_report(slicer, test.slices, test.y, test.proba, cfg.min_slice_rows)
+    atomic_write_text(SLICES_FILE, json.dumps(report, indent=2) + "\n")
+    return slicing.mlflow_metrics(report)
 
 
 def _gate(
@@ -624,6 +706,8 @@ def _gate(
         )
         return _undecided(d)
     registry.log_test_metrics(str(info["run_id"]), report)  # before any alias moves
+    if d.min_slice_rows is not None:
+        registry.log_run_outputs(str(info["run_id"]), {}, SLICES_FILE)
     held_back = _held_back(d)
     if held_back is not None:
         _tag(d, info, {"gate_held_back": held_back})

@@ -14,7 +14,8 @@ What it checks:
 - a data summary: missing values, categories the train split never had, numbers outside its range;
 - with ground truth, accuracy and macro F1 of each served model version on its labelled rows; a
   one-sided binomial test of the accuracy against that version's test accuracy
-  (``models/<version>.json`` in the log);
+  (``models/<version>.json`` in the log); and each version's accuracy on each slice of
+  ``evaluate.slices`` (the gate's slices, bins from the train split), reported, not judged;
 - with shadow scoring, how often champion and challenger agree and, with ground truth, the
   accuracy of each on the same rows.
 
@@ -42,11 +43,12 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.config import MonitorParams, ProjectError, cli_errors, load_params
+from ..core.config import MonitorParams, ProjectError, SliceParams, cli_errors, load_params
 from ..core.features import BOOLEAN, CATEGORICAL, NUMERIC, ModelInputError, typed
 from ..core.fileio import atomic_write_text
 from ..core.paths import LOGGED_MODELS_DIR, REPORTS_DIR
 from ..data.prepare import DataError, Schema, load_frame
+from ..evaluation import slices as slicing
 from ..serving.predlog import FEEDBACK, PREDICTIONS, log_folder
 from . import drift
 from .result import DriftSummary, MonitorResult, RowCounts, Status
@@ -400,10 +402,17 @@ def accuracy_p_value(correct: int, rows: int, floor: float) -> float:
     return float(binom.cdf(correct, rows, floor)) if floor > 0 else 1.0
 
 
-def quality(traffic: Traffic, cards: dict[str, dict], params: MonitorParams) -> dict[str, Any]:
+def quality(
+    traffic: Traffic,
+    cards: dict[str, dict],
+    params: MonitorParams,
+    slicer: slicing.Slicer | None = None,
+) -> dict[str, Any]:
     """Accuracy and macro F1 of each served version on its labelled rows; ``degraded`` when a
     version with enough rows is, by a one-sided binomial test, less accurate than its test
-    accuracy minus ``max_accuracy_drop``."""
+    accuracy minus ``max_accuracy_drop``. With a ``slicer``, each version's accuracy per slice
+    (``slices``: column -> slice -> rows, accuracy): shown, never judged (live slices are small,
+    and the test above already judges the version)."""
     from sklearn.metrics import f1_score
 
     labelled = traffic.labelled
@@ -416,6 +425,8 @@ def quality(traffic: Traffic, cards: dict[str, dict], params: MonitorParams) -> 
         correct = int((y == pred).sum())
         entry: dict[str, Any] = {"rows": len(rows), "accuracy": correct / len(rows)}
         entry["f1"] = float(f1_score(y, pred, average="macro", zero_division=0))
+        if slicer is not None and slicer.columns:
+            entry["slices"] = slicing.slice_accuracy(slicer.labels(rows), y, pred)
         test = (cards.get(str(version)) or {}).get("test_metrics") or {}
         entry |= {f"test_{k}": test[k] for k in ("accuracy", "f1") if k in test}
         judged = len(rows) >= params.min_labelled_rows and "test_accuracy" in entry
@@ -649,6 +660,13 @@ def print_summary(result: MonitorResult, folder: Path) -> None:
             f"  quality v{version}: {entry['rows']} labelled rows, accuracy {entry['accuracy']:.3f}"
             f" (test {entry.get('test_accuracy', float('nan')):.3f}), F1 {entry['f1']:.3f}"
         )
+        sliced = [(n, e) for column in entry.get("slices", {}).values() for n, e in column.items()]
+        if sliced:
+            name, worst = min(sliced, key=lambda item: item[1]["accuracy"])
+            print(
+                f"    worst slice: {name}, accuracy {worst['accuracy']:.3f} on {worst['rows']} "
+                "rows (every slice in result.json)"
+            )
     if shadow := result.shadow:
         line = f"  shadow: champion and challenger agree on {shadow['agreement']:.1%}"
         line += f" of {shadow['rows']} rows"
@@ -667,8 +685,10 @@ def monitor(
     current_file: Path | None = None,
     since: datetime | None = None,
     last: int | None = None,
+    slices: SliceParams | None = None,
 ) -> tuple[MonitorResult, Path]:
-    """Read, check, write the reports; (result, report folder)."""
+    """Read, check, write the reports; (result, report folder). ``slices``: the gate's
+    (``evaluate.slices``), for the quality per slice."""
     try:
         reference_raw, schema = load_frame("train")
     except DataError as exc:
@@ -689,7 +709,8 @@ def monitor(
         else {}
     )
     snapshots: dict[str, Any] = {}
-    qual = quality(traffic, cards, params)
+    slicer = slicing.make_slicer(slices, schema, reference_raw) if slices else None
+    qual = quality(traffic, cards, params, slicer)
     verdicts: dict[str, dict[str, Any]] = {}
     summary: dict[str, Any] = {}
     if len(frame) >= params.min_rows:
@@ -753,8 +774,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--last must be a positive number of rows")
     log_dir = log_folder(args.log_dir)
     since = parse_time(args.since) if args.since else None
-    params = load_params().monitor
-    result, folder = monitor(params, log_dir, args.current, since, args.last)
+    params = load_params()
+    result, folder = monitor(
+        params.monitor, log_dir, args.current, since, args.last, params.evaluate.slices
+    )
     print_summary(result, folder)
     return 0 if args.no_fail else EXIT_CODES[result.status]
 

@@ -14,7 +14,9 @@ from typing import Any, Literal
 import numpy as np
 
 # Bump on any change a reader could notice (a field renamed, removed, or of another type).
+# Added keys inside the free-form sections do not bump it: readers of the version ignore them.
 SCHEMA_VERSION = 2  # 2: drift entries hold p-values, effects, weights; quality a binomial test
+# (since 2, quality.versions.<v>.slices: accuracy per slice of evaluate.slices, when configured)
 Status = Literal["healthy", "drift", "degraded", "insufficient_data"]
 
 

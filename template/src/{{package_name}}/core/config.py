@@ -148,6 +148,22 @@ class TrainParams(Section):
     cpu_threads: Annotated[StrictInt, Field(ge=0)] = 1
 
 
+class SliceParams(Section):
+    # Feature columns to slice the test rows by, each on its own: a categorical or boolean column
+    # by its values, a numeric one in `bins` quantile bins whose edges come from the train split
+    # (so champion and candidate are sliced alike). [] turns slicing and the slice rule off.
+    columns: list[Text] = []
+    bins: Annotated[StrictInt, Field(ge=2, le=20)] = 2
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _columns(cls, value: Any) -> Any:
+        twice = sorted({v for v in value if value.count(v) > 1}) if isinstance(value, list) else []
+        if twice:
+            raise ValueError(f"lists columns twice: {', '.join(map(str, twice))}")
+        return value
+
+
 class EvaluateParams(Section):
     metric: Literal["accuracy", "f1", "roc_auc"] = "f1"
     min_score: Unit = 0.0
@@ -155,6 +171,12 @@ class EvaluateParams(Section):
     promotion_margin: Annotated[Number, Field(gt=0, le=1)] = 0.001
     # Fewer test rows that neither model trained on than this: the gate cannot judge (undecided).
     min_holdout: Annotated[StrictInt, Field(ge=1)] = 30
+    slices: SliceParams = SliceParams()
+    # The slice rule: a candidate that would be promoted is refused (exit 3) when its accuracy on
+    # any slice of at least min_slice_rows holdout rows is below the champion's by more than
+    # max_slice_drop. Smaller slices are reported, never judged (a few rows are mostly noise).
+    max_slice_drop: Unit = 0.1
+    min_slice_rows: Annotated[StrictInt, Field(ge=1)] = 30
 
 
 class ServeParams(Section):

@@ -37,6 +37,7 @@ CHECKPOINT_FILE = "last.pt"  # inside train.checkpoint_dir
 # evaluate: test metrics, the gate's decision, plots.
 EVAL_METRICS = Path("metrics/evaluate.json")
 GATE_FILE = Path("metrics/gate.json")
+SLICES_FILE = Path("metrics/slices.json")  # each slice's test metrics (evaluate.slices)
 CONFUSION_FILE = Path("plots/confusion.csv")
 CURVE_FILE = Path("plots/curve.csv")
 
