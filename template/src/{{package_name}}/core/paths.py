@@ -39,6 +39,9 @@ EVAL_METRICS = Path("metrics/evaluate.json")
 GATE_FILE = Path("metrics/gate.json")
 CONFUSION_FILE = Path("plots/confusion.csv")
 CURVE_FILE = Path("plots/curve.csv")
+# Mean |attribution| per original feature column on the test split (evaluation/attributions.py).
+ATTRIBUTION_FILE = Path("plots/attributions.csv")  # the model just trained
+ATTRIBUTION_CHAMPION_FILE = Path("plots/attributions_champion.csv")
 
 # The MLflow store of a project without a tracking server: artefacts beside mlflow.db.
 ARTIFACT_DIR = "mlartifacts"
