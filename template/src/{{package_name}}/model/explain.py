@@ -23,11 +23,11 @@ steps over the default 85-row, 30-feature test split take ~0.1 s on one CPU core
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
-from captum.attr import IntegratedGradients
+from torch import nn
 
 from .network import TabularClassifier
 
@@ -41,6 +41,16 @@ if TYPE_CHECKING:
 STEPS = 128
 # Rows x steps evaluated per model call: bounds memory on a large split.
 INTERNAL_BATCH = 64 * 1024
+
+
+def integrated_gradients() -> type:
+    """captum's IntegratedGradients, imported on first use: ``captum.attr`` loads matplotlib
+    (its plotting helpers), 0.5-0.7 s and a font cache written under ``~``, which importing this
+    module must not cost (the pyfunc and the stages that never explain import ``model/``). The
+    service calls this at start-up, so no request pays for it."""
+    from captum.attr import IntegratedGradients
+
+    return IntegratedGradients
 
 
 @dataclass(frozen=True)
@@ -65,11 +75,15 @@ class Attributions:
         return [dict(zip(self.features, map(float, row), strict=True)) for row in self.values]
 
 
+def _embeddings(model: TabularClassifier) -> list[nn.Embedding]:
+    return [cast(nn.Embedding, embedding) for embedding in model.embeddings]
+
+
 def owners(model: TabularClassifier) -> np.ndarray:
     """For each column of ``model.represent``'s output, the index of its original column."""
     index = {name: i for i, name in enumerate(model.spec.names)}
     columns = [index[name] for name in model.spec.numeric]
-    for name, embedding in zip(model.spec.categorical, model.embeddings, strict=True):
+    for name, embedding in zip(model.spec.categorical, _embeddings(model), strict=True):
         columns += [index[name]] * embedding.embedding_dim
     return np.asarray(columns, dtype=np.int64)
 
@@ -77,7 +91,7 @@ def owners(model: TabularClassifier) -> np.ndarray:
 def typical_row(model: TabularClassifier) -> torch.Tensor:
     """The baseline ``[1, D]`` in ``represent``'s space (see the module's docstring)."""
     parts = [torch.zeros(1, model.mean.shape[0], device=model.mean.device)]
-    for embedding in model.embeddings:
+    for embedding in _embeddings(model):
         known = embedding.weight[1:] if embedding.num_embeddings > 1 else embedding.weight
         parts.append(known.mean(dim=0, keepdim=True))
     return torch.cat(parts, dim=1).detach()
@@ -104,7 +118,7 @@ def attribute(
             if target is None
             else torch.as_tensor(np.asarray(target), dtype=torch.long, device=inputs.device)
         )
-        ig = IntegratedGradients(lambda z: torch.softmax(model.net(z), dim=-1))
+        ig = integrated_gradients()(lambda z: torch.softmax(model.net(z), dim=-1))
         with torch.enable_grad():
             internal = ig.attribute(
                 inputs,
