@@ -22,7 +22,7 @@ MIXED = Schema(
     categories={"city": ["Köln", "São Paulo", "日本, 東京"], "tier": ["1", "2"]},
     missing="impute",
 )
-# Completeness holds up to the path integral's quadrature error: measured below 0.005 of
+# Completeness holds up to the path integral's quadrature error: measured below 0.004 of
 # probability on the default model; a wrong baseline or a lost column is off by ~0.1 and more.
 TOLERANCE = 0.01
 
