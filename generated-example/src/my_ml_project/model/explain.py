@@ -13,12 +13,13 @@ An embedded category spans several internal columns: their signed attributions a
 row, so each original column gets one number. By IG's completeness axiom a row's attributions
 add up to ``p(x) - p(typical row)`` of its class (:attr:`Attributions.error` says how closely).
 
-Why captum rather than shap: IG needs only the gradients PyTorch's autograd already computes,
-on the model as it is (no wrapper, no background sample: shap's KernelExplainer scores every row
-against a background set with hundreds of model calls a row, its DeepExplainer patches the
-model's modules), and completeness is a checkable guarantee, tested in ``tests/``. 256
-steps over the default 85-row, 30-feature test split take well under a second on one CPU core
-(``benchmarks/explain.py``).
+Why captum rather than shap: IG needs only the gradients PyTorch's autograd already computes, on the
+model as it is (no wrapper, no background sample: shap's KernelExplainer scores every row against a
+background set with thousands of model calls a row, its DeepExplainer patches the model's modules),
+and completeness is a checkable guarantee, tested in ``tests/``. Measured once on the default
+model's 85-row test split, one CPU core: 0.48 s for :func:`attribute`, 6.4 s for KernelExplainer (a
+20-centroid k-means background, its default 2,108 samples a row), which also only approximates (the
+template repository's ``benchmarks/explain.py`` times this module).
 """
 
 from __future__ import annotations
