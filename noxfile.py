@@ -101,3 +101,12 @@ def bench_serve(session: nox.Session) -> None:
     """Serving speed: the generated BentoML service beside FastAPI under wrk (minutes; `-- -h`)."""
     _install(session)
     session.run("python", str(ROOT / "benchmarks" / "serve.py"), *session.posargs, env=_test_env())
+
+
+@nox.session(name="bench-explain", python=PYTHON, default=False)
+def bench_explain(session: nox.Session) -> None:
+    """Attribution speed: the test split's, and /explain beside /predict at one client (`-- -h`)."""
+    _install(session)
+    session.run(
+        "python", str(ROOT / "benchmarks" / "explain.py"), *session.posargs, env=_test_env()
+    )

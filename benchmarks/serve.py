@@ -104,7 +104,7 @@ def package(project: Path) -> str:
 def sample_rows(project: Path, count: int = 32) -> list[dict[str, Any]]:
     """``count`` rows of the test split, as the service takes them."""
     code = (
-        f"import json; from {package(project)}.data import load_frame\n"
+        f"import json; from {package(project)}.data.prepare import load_frame\n"
         "frame, schema = load_frame('test')\n"
         f"print(frame[schema.features].head({count}).to_json(orient='records'))"
     )

@@ -165,6 +165,15 @@ def test_worse_model_is_registered_but_not_promoted(trained: Project) -> None:
     assert "Running stage 'train'" not in again.stdout + again.stderr
     assert "NOT PROMOTED" in again.stdout + again.stderr
     assert trained.registry()["versions"] == [1, 2]
+    # The attributions of both models, side by side in the DVC plots, per feature column.
+    shown = trained.run(str(trained.venv / "bin" / "dvc"), "plots", "show", "--json").stdout
+    values = json.loads(shown)["data"]["attributions"][0]["content"]["data"]["values"]
+    assert {v["filename"] for v in values} == {"attributions.csv", "attributions_champion.csv"}
+    features = trained.json("data/processed/schema.json")["features"]
+    assert sorted(v["feature"] for v in values) == sorted(features * 2)
+    assert "attributions of champion v1: " in again.stdout + again.stderr
+    rendered = trained.run(str(trained.venv / "bin" / "dvc"), "plots", "show").stdout
+    assert Path(rendered.strip().splitlines()[-1].removeprefix("file://")).is_file()
 
 
 def test_killed_training_resumes_to_the_configured_epochs(pristine: Project, tmp_path: Path):

@@ -59,7 +59,7 @@ def call(
         return status, {"text": text.decode(errors="replace")}, head
 
 
-def oversized(url: str, size: int) -> int:
+def oversized(url: str, size: int, path: str = "/predict") -> int:
     """The status of a POST that announces ``size`` bytes: the guard answers from the header.
 
     Only the start of the body is sent: a server that answers before reading it all (as it
@@ -69,7 +69,7 @@ def oversized(url: str, size: int) -> int:
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     try:
-        connection.putrequest("POST", "/predict")
+        connection.putrequest("POST", path)
         headers = {**AUTH, "Content-Type": "application/json", "Content-Length": str(size)}
         for key, value in headers.items():
             connection.putheader(key, value)
@@ -81,9 +81,11 @@ def oversized(url: str, size: int) -> int:
         connection.close()
 
 
-def predict(server: Server, rows: list, headers: dict | None = None) -> tuple[int, dict, dict]:
+def predict(
+    server: Server, rows: list, headers: dict | None = None, route: str = "/predict"
+) -> tuple[int, dict, dict]:
     body = json.dumps({"rows": rows}).encode()
-    return call(f"{server.url}/predict", body, {**AUTH, **(headers or {})})
+    return call(f"{server.url}{route}", body, {**AUTH, **(headers or {})})
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +265,68 @@ def test_concurrent_requests_are_each_logged_once(server, test_rows) -> None:
     assert len(mine) == 200 * len(rows)
     assert {r["model_version"] for r in mine} == {str(server.project.registry()["champion"])}
     assert all(set(r["inputs"]) == set(rows[0]) and r["ts"].endswith("+00:00") for r in mine)
+
+
+# --- /explain: /predict's contract, each row with its attributions -----------------------------
+
+
+def test_explain_answers_as_predict_with_attributions_per_feature(server, test_rows) -> None:
+    rows = test_rows[0][:20]
+    status, predicted, _ = predict(server, rows)
+    assert status == 200, predicted
+    status, explained, head = predict(server, rows, route="/explain")
+    assert status == 200, explained
+    assert head.get("x-request-id")
+    assert explained["model_version"] == predicted["model_version"]
+    for p, e, row in zip(predicted["predictions"], explained["predictions"], rows, strict=True):
+        assert e["label"] == p["label"]
+        assert e["probabilities"] == pytest.approx(p["probabilities"], abs=1e-6)
+        assert set(e["attributions"]) == set(row), "one value per feature column sent"
+        # Completeness: from the typical row's probability to this row's, in the features.
+        total = sum(e["attributions"].values()) + e["baseline"]
+        assert total == pytest.approx(e["probabilities"][e["label"]], abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda r: r.pop(next(iter(r))), True),
+        (lambda r: r.update(unknown_field=1), "unknown_field"),
+        (lambda r: r.update({next(iter(r)): "abc"}), True),
+        (lambda r: r.update({next(iter(r)): None}), True),
+    ],
+    ids=["missing", "extra", "wrong-type", "null"],
+)
+def test_explain_refuses_bad_rows_as_predict_does(server, test_rows, change, named) -> None:
+    row = dict(test_rows[0][0])
+    field = next(iter(row))
+    change(row)
+    code, body, _ = predict(server, [row], route="/explain")
+    assert (code, body) == predict(server, [row])[:2]
+    assert code == 400, body
+    assert (field if named is True else named) in json.dumps(body)
+
+
+def test_explain_guards_as_predict_does(server, test_rows) -> None:
+    url, rows = f"{server.url}/explain", test_rows[0]
+    body = json.dumps({"rows": rows[:1]}).encode()
+    assert call(url, body)[0] == 401
+    assert call(url, body, {"Authorization": "Bearer wrong"})[0] == 401
+    assert call(url, body, {**AUTH, "Content-Type": "text/plain"})[0] == 415
+    assert call(url, body, {**AUTH, "Host": "evil.example"})[0] == 400
+    extra = json.dumps({"rows": rows[:1], "debug": True}).encode()
+    code, answer, _ = call(url, extra, AUTH)
+    assert code == 422
+    assert "debug" in answer["error"]
+    assert oversized(server.url, 2 << 20, "/explain") == 413
+    assert predict(server, [], route="/explain")[0] == 400
+    assert predict(server, rows[:1] * 201, route="/explain")[0] == 400  # SERVE_MAX_ROWS=200
+    assert call(url, b"not json", AUTH)[0] == 400
+    text = body.decode().replace(json.dumps(rows[0][next(iter(rows[0]))]), "NaN", 1)
+    assert call(url, text.encode(), AUTH)[0] == 400
+    assert predict(server, rows[:2], route="/explain")[0] == 200
+    docs = call(f"{server.url}/docs.json", headers=AUTH)[1]
+    assert "/explain" in docs["paths"]
 
 
 def test_sigterm_stops_every_process(server: Server) -> None:

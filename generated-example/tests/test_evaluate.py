@@ -185,6 +185,37 @@ def test_plots_parse(params: Params) -> None:
     assert all(0 <= x <= 1 and 0 <= y <= 1 for x, y in curve)
 
 
+def attributions_file(path: Path) -> dict[str, float]:
+    with path.open() as f:
+        return {row["feature"]: float(row["importance"]) for row in csv.DictReader(f)}
+
+
+def test_attributions_of_the_candidate_and_the_champion_per_feature(
+    params: Params, capsys: pytest.CaptureFixture[str]
+) -> None:
+    champion = publish(good_model(), params)
+    assert evaluate.main([]) == 0
+    assert attributions_file(paths.ATTRIBUTION_CHAMPION_FILE) == {}, "no champion before it"
+    candidate = publish(weak_model(), params)
+    assert evaluate.main([]) == 0
+    out = capsys.readouterr().out
+    assert f"attributions of challenger v{candidate['model_version']}: " in out
+    assert f"attributions of champion v{champion['model_version']}: " in out
+    first, *others = load_split("test")[2].features
+    mine = attributions_file(paths.ATTRIBUTION_FILE)
+    theirs = attributions_file(paths.ATTRIBUTION_CHAMPION_FILE)
+    assert set(mine) == set(theirs) == {first, *others}
+    # The weak model reads its first feature only; the good one all four.
+    assert mine[first] > 0
+    assert all(mine[name] == 0 for name in others)
+    assert all(theirs[name] > 0 for name in (first, *others))
+    client = mlflow.MlflowClient()
+    logged = {a.path for a in client.list_artifacts(candidate["run_id"])}
+    assert {paths.ATTRIBUTION_FILE.name, paths.ATTRIBUTION_CHAMPION_FILE.name} <= logged
+    error = client.get_run(candidate["run_id"]).data.metrics["test_attribution_error"]
+    assert 0 <= error < 0.01
+
+
 def test_worse_model_is_not_promoted(params: Params, capsys: pytest.CaptureFixture[str]) -> None:
     champion = publish(good_model(), params)
     assert evaluate.main([]) == 0

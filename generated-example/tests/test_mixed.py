@@ -4,6 +4,7 @@ from raw rows, as a server would send them (unknown labels and gaps included).""
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,13 @@ def test_mixed_csv_trains_registers_and_serves_raw_rows(
         "country": "string",
         "auto_renew": "boolean",
     }
+
+    # Attributions per CSV column, never per embedding dimension; the label depends mostly on
+    # the plan (see write_mixed_csv), little on the tenure.
+    with paths.ATTRIBUTION_FILE.open() as f:
+        importance = {row["feature"]: float(row["importance"]) for row in csv.DictReader(f)}
+    assert set(importance) == {"tenure", "plan", "country", "auto_renew"}
+    assert importance["plan"] > importance["tenure"], importance
 
     # The champion, as the gate loads it, answers raw rows: unknown labels, gaps, odd spellings.
     champion = registry.load_version(name, version)

@@ -40,6 +40,9 @@ GATE_FILE = Path("metrics/gate.json")
 SLICES_FILE = Path("metrics/slices.json")  # each slice's test metrics (evaluate.slices)
 CONFUSION_FILE = Path("plots/confusion.csv")
 CURVE_FILE = Path("plots/curve.csv")
+# Mean |attribution| per original feature column on the test split (evaluation/attributions.py).
+ATTRIBUTION_FILE = Path("plots/attributions.csv")  # the model just trained
+ATTRIBUTION_CHAMPION_FILE = Path("plots/attributions_champion.csv")
 
 # The MLflow store of a project without a tracking server: artefacts beside mlflow.db.
 ARTIFACT_DIR = "mlartifacts"

@@ -1,12 +1,15 @@
 """The HTTP service (BentoML): the champion imported by ``nox -s deploy``, answering ``/predict``.
 
-``POST /predict`` ``{"rows": [{feature: value, ...}, ...]}`` -> ``{"model_version",
-"predictions": [{"label", "probabilities": {class: p}}]}`` in row order, through the same
+``POST /predict`` ``{"rows": [{feature: value, ...}, ...]}`` -> ``{"model_version", "predictions":
+[{"label", "probabilities": {class: p}}]}`` in row order, through the same
 :func:`~.model.predict_frame` as the pyfunc and the evaluation; the ``X-Request-ID`` header names
-the answer. ``POST /feedback`` ``{"request_id", "labels": [true class of each row]}`` records the
-ground truth for the monitor. The request schema is the model's (see :mod:`.serving`), read from
-the BentoML model's metadata when the service is built. No MLflow here: it would add seconds
-to start-up.
+the answer. ``POST /explain`` takes the same body and answers the same, each prediction with
+``attributions`` (``{feature: value}``, per original column: :mod:`.model.explain`, the code the
+evaluate stage runs) and ``baseline`` (the label's probability for the typical row: the row's
+attributions add up to ``probabilities[label] - baseline``). ``POST /feedback`` ``{"request_id",
+"labels": [true class of each row]}`` records the ground truth for the monitor. The request schema
+is the model's (see :mod:`.serving`), read from the BentoML model's metadata when the service is
+built. No MLflow here: it would add seconds to start-up.
 
 Importing this module does nothing: :func:`build_service` makes the service, and BentoML's
 ``<package>.serving.service:Predictor`` reaches it through the module's ``__getattr__``.
@@ -35,6 +38,7 @@ import torch
 from ..core.config import ProjectError
 from ..core.features import FeatureSpec
 from ..core.paths import DEPLOYMENT_FILE, MODEL_NAME, WEIGHTS
+from ..model.explain import attribute_frame, integrated_gradients
 from ..model.network import load_model, predict_frame
 from .contract import (
     REQUEST_ID,
@@ -148,7 +152,7 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
         # A short timeout: every request keeps a timer (and its objects) alive that long.
         traffic={"timeout": 10},
         logging={"access": {"enabled": False}},
-        tracing={"excluded_urls": ["/predict"]},
+        tracing={"excluded_urls": ["/predict", "/explain"]},
     )
     class Predictor:
         """Loads the model once; answers rows of raw feature values."""
@@ -167,6 +171,7 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             self.model = load_model(STORED.path_of(WEIGHTS)).to(device)
             self.version = str(STORED.info.metadata["registry_version"])
             self.stats = (self.model.mean.cpu().numpy(), self.model.std.cpu().numpy())
+            integrated_gradients()  # its import now (~0.5 s), not in the first /explain
             self.log = None
             if SETTINGS.log_enabled:
                 self.log = PredictionLog(
@@ -272,6 +277,35 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
                 self.log.record(request_id, self.version, rows, answers)
             return {"model_version": self.version, "predictions": answers}
 
+        @bentoml.api
+        async def explain(self, rows: Rows, ctx: bentoml.Context) -> dict[str, Any]:
+            """As /predict, each row with the attribution of each feature column to its label's
+            probability (Integrated Gradients from the typical row) and that row's probability.
+
+            Not in the prediction log: a client asking why must not count twice in monitoring.
+            """
+            records = [row.model_dump() for row in rows]
+            try:
+                labels, proba = await self._answer(records)
+            except InputError as exc:
+                ctx.response.status_code = 422
+                return {"error": "values the model cannot compute", "detail": exc.problems}
+            classes = self.model.class_names
+            frame = pd.DataFrame(records, columns=list(SPEC.names))
+            # The answer's own labels: the attributions explain what the client was told.
+            target = np.array([classes.index(label) for label in labels], dtype=np.int64)
+            explained = attribute_frame(self.model, frame, target)
+            bad = np.flatnonzero(~np.isfinite(explained.values).all(axis=1))
+            if len(bad):
+                ctx.response.status_code = 422
+                detail = [f"row {i}: its attributions are not finite numbers" for i in bad]
+                return {"error": "values the model cannot compute", "detail": detail}
+            answers = predictions(labels, proba, classes)
+            for answer, values, i in zip(answers, explained.rows(), target, strict=True):
+                answer["attributions"] = values
+                answer["baseline"] = float(explained.baseline[i])
+            return {"model_version": self.version, "predictions": answers}
+
         async def _shadow_score(
             self, request_id: str, rows: Any, records: list[dict[str, Any]], answers: list[dict]
         ) -> None:
@@ -317,7 +351,11 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
     Predictor.add_asgi_middleware(  # type: ignore[attr-defined]
         Guard,
         settings=SETTINGS,
-        fields={"/predict": frozenset({"rows"}), "/feedback": frozenset({"request_id", "labels"})},
+        fields={
+            "/predict": frozenset({"rows"}),
+            "/explain": frozenset({"rows"}),
+            "/feedback": frozenset({"request_id", "labels"}),
+        },
     )
     return Predictor
 

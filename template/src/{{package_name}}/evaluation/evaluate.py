@@ -26,7 +26,8 @@ The gate, in order:
    ``dvc repro``).
 Outputs: metrics/evaluate.json, metrics/gate.json, metrics/slices.json, plots/confusion.csv,
 plots/curve.csv; the test metrics are logged to the training run (``test_*``, slices.json as an
-artifact) and the version is tagged with the decision.
+artifact) and the version is tagged with the decision. The attributions of the candidate and the
+champion: see :mod:`.attributions`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from ..core.paths import (
 from ..data.prepare import DataError, Schema, load_frame, load_row_keys, load_split, to_arrays
 from ..model.network import TabularClassifier, load_model
 from ..registry import store as registry
+from . import attributions
 from . import slices as slicing
 
 GATE_FAILED_EXIT = 3
@@ -644,6 +646,9 @@ def evaluate(params: Params, *, replace_unloadable: bool = False) -> Decision:
             "then run `nox -s evaluate` again"
         )
         summary = _undecided(d)
+    # After the gate: it names the champion it compared with (attributions.py explains both).
+    for line in attributions.report(model, test.frame, d, str(info["run_id"])):
+        print(line)
     atomic_write_text(GATE_FILE, json.dumps(asdict(d), indent=2) + "\n")
     if d.decision in ("failed", "slice_regression"):
         raise GateFailedError(summary)

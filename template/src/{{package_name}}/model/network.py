@@ -106,6 +106,12 @@ class TabularClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, C]`` for encoded rows ``x`` ``[N, F]`` (see :meth:`encode`)."""
+        return self.net(self.represent(x))
+
+    def represent(self, x: torch.Tensor) -> torch.Tensor:
+        """What the hidden layers read for encoded rows ``x``: the numeric and boolean columns
+        filled and standardised, then each category's embedding. Differentiable in every column
+        (codes are not), so the attributions (``model.explain``) are taken here."""
         n_numeric = self.mean.shape[0]
         numbers = x[:, :n_numeric] if len(self.embeddings) else x
         if self.spec.missing == IMPUTE:  # else encode() lets no gap through
@@ -114,7 +120,7 @@ class TabularClassifier(nn.Module):
         if len(self.embeddings):
             codes = x[:, n_numeric:].long()
             parts += [embed(codes[:, i]) for i, embed in enumerate(self.embeddings)]
-        return self.net(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def encode(self, frame: pd.DataFrame) -> torch.Tensor:
         """The model's input for a frame of raw feature columns, read by name (extra ones are
