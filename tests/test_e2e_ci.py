@@ -289,6 +289,7 @@ def run_job(
     inputs: dict[str, Any],
     variables: dict[str, str],
     environ: dict[str, str],
+    secrets: dict[str, str] | None = None,
 ) -> JobRun:
     """The `run:` steps of ``job`` in order, each in bash -eo pipefail (GitHub's default shell)
     with the workflow's, the job's and the step's `env:`; `uses:` steps are what the harness
@@ -297,7 +298,7 @@ def run_job(
     spec = flow["jobs"][job]
     contexts = {
         "vars": Context(variables),
-        "secrets": Context(),
+        "secrets": Context(secrets or {}),
         "inputs": Context(inputs),
         "github": Context(
             event_name="workflow_dispatch",
@@ -401,6 +402,7 @@ def test_github_first_train_then_monitor_are_green(
         inputs={"reason": "test"},
         variables=tracked,
         environ={},
+        secrets={"KUBE_CONFIG": "apiVersion: v1\nkind: Config\n"},  # the cluster's, set
     )
     assert rollback.code != 0
     assert "nothing to roll back to: v1 is the only champion" in rollback.output

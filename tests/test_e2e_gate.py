@@ -130,7 +130,9 @@ def test_every_stage_declares_what_it_imports_and_reads(pristine: Project, tmp_p
         time.sleep(1.1)
         with files_read(project.path, skip=UNWATCHED) as read:
             project.py(*args)
-        outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
+        # What the stage writes (outs, metrics, plots) it may read back (to log it).
+        written = [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]
+        outs = {next(iter(o)) if isinstance(o, dict) else o for o in written}
         used = {_source(p) for p in read.paths} - outs - set(NOT_DEPENDENCIES)
         missing = sorted(used - _declared(stage, params))
         if missing:
