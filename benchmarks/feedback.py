@@ -55,7 +55,8 @@ def free_port() -> int:
 
 def sample_row(project: Path) -> dict[str, Any]:
     script = (
-        "import json, pandas as pd; f = pd.read_parquet('data/processed/test.parquet');"
+        "import json, pyarrow.parquet as pq;"
+        "f = pq.read_table('data/processed/test.parquet', use_threads=False).to_pandas();"
         "t = json.load(open('data/processed/schema.json'))['target'];"
         "print(f.drop(columns=[t]).head(1).to_json(orient='records'))"
     )

@@ -36,6 +36,7 @@ BUILD = Path("build/bench-monitor")
 EVIDENTLY_ALONE = """
 import importlib, sys, warnings
 import pandas as pd
+import pyarrow.parquet as pq
 from evidently import BinaryClassification, DataDefinition, Dataset
 from evidently import MulticlassClassification, Report
 from evidently.presets import ClassificationPreset, DataDriftPreset, DataSummaryPreset
@@ -43,8 +44,8 @@ from evidently.presets import ClassificationPreset, DataDriftPreset, DataSummary
 folder, numeric, classes = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
 drift = importlib.import_module(sys.argv[4] + ".monitoring.drift")
 params = importlib.import_module(sys.argv[4] + ".core.config").load_params().monitor
-current = pd.read_parquet(f"{folder}/current.parquet")
-reference = pd.read_parquet(f"{folder}/reference.parquet")
+current = pq.read_table(f"{folder}/current.parquet", use_threads=False).to_pandas()
+reference = pq.read_table(f"{folder}/reference.parquet", use_threads=False).to_pandas()
 columns = list(reference.columns)
 features = {c: c in numeric for c in columns if c != "prediction"}
 plans = drift.plan(features, params, "prediction")

@@ -47,8 +47,9 @@ def _status_mb(field: str) -> float:
 def make_input(path: Path, rows: int) -> None:
     import numpy as np
     import pandas as pd
+    import pyarrow.parquet as pq
 
-    test = pd.read_parquet("data/processed/test.parquet")
+    test = pq.read_table("data/processed/test.parquet", use_threads=False).to_pandas()
     reps = -(-rows // len(test))
     frame = pd.concat([test] * reps, ignore_index=True).iloc[:rows]
     numbers = frame.select_dtypes("number").columns
@@ -69,9 +70,9 @@ def child(
     best = 0.0
     for _ in range(passes):
         if side == "raw":
-            import pandas as pd
+            import pyarrow.parquet as pq
 
-            frame = pd.read_parquet(source)
+            frame = pq.read_table(source, use_threads=False).to_pandas()
             start = time.perf_counter()
             for i in range(0, len(frame), chunk_rows):
                 model.predict_proba_frame(frame.iloc[i : i + chunk_rows]).cpu().numpy()

@@ -28,13 +28,18 @@ PYSPARK = "pyspark>=4,<5"
 ATOL = 1e-5
 
 # Files are read, and test rows made, by the project's Python (pandas is not a dependency of
-# these tests); the comparisons are made here, on plain JSON.
+# these tests); the comparisons are made here, on plain JSON. Parquet is read unthreaded, as
+# the project reads it (core/fileio.py): a threaded read can abort a short process at exit.
 READ = """
 import sys
 from pathlib import Path
 import pandas as pd
+import pyarrow.parquet as pq
 path = Path(sys.argv[1])
-frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+if path.suffix == ".csv":
+    frame = pd.read_csv(path)
+else:
+    frame = pq.read_table(path, use_threads=False).to_pandas()
 if "row_id" in frame.columns:
     frame = frame.sort_values("row_id", ignore_index=True)
 print(frame.to_json(orient="split", index=False))
@@ -43,7 +48,8 @@ TEST_ROWS = """
 import sys
 import numpy as np
 import pandas as pd
-rows = pd.read_parquet(sys.argv[1])
+import pyarrow.parquet as pq
+rows = pq.read_table(sys.argv[1], use_threads=False).to_pandas()
 rows.insert(0, "row_id", np.arange(len(rows)))  # joins that do not depend on row order
 rows.to_parquet(sys.argv[2] + "/rows.parquet", index=False)
 rows.to_csv(sys.argv[2] + "/rows.csv", index=False)
@@ -154,14 +160,14 @@ def test_bad_rows_are_rejected_with_number_and_reason(trained: Project, batch, t
 
 PYFUNC = """
 import sys
-import pandas as pd
 # The project's source off the path: what loading imports must travel with the model.
 sys.path = [p for p in sys.path if not p.endswith("/src")]
 import mlflow.pyfunc
+import pyarrow.parquet as pq
 served = mlflow.pyfunc.load_model(sys.argv[1])
 package = sys.modules[sys.argv[3]]
 assert "/code/" in package.__file__, package.__file__
-served.predict(pd.read_parquet(sys.argv[2])).to_parquet(sys.argv[4])
+served.predict(pq.read_table(sys.argv[2], use_threads=False).to_pandas()).to_parquet(sys.argv[4])
 """
 
 

@@ -119,8 +119,9 @@ def server_processes(project: Project) -> list[int]:
 
 
 ROWS = """
-import json, pandas as pd
-frame = pd.read_parquet("data/processed/test.parquet")
+import json
+import pyarrow.parquet as pq
+frame = pq.read_table("data/processed/test.parquet", use_threads=False).to_pandas()
 target = json.load(open("data/processed/schema.json"))["target"]
 rows = json.loads(frame.drop(columns=[target]).to_json(orient="records"))
 print(json.dumps([rows, [str(v) for v in frame[target]]]))

@@ -114,7 +114,8 @@ def latest_bento(project: Project) -> Path:
 @pytest.fixture(scope="module")
 def row(deployed: Project) -> dict:
     script = (
-        "import json, pandas as pd; f = pd.read_parquet('data/processed/test.parquet');"
+        "import json, pyarrow.parquet as pq;"
+        "f = pq.read_table('data/processed/test.parquet', use_threads=False).to_pandas();"
         "t = json.load(open('data/processed/schema.json'))['target'];"
         "print(f.drop(columns=[t]).head(1).to_json(orient='records'))"
     )

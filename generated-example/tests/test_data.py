@@ -13,6 +13,7 @@ import pytest
 
 from my_ml_project.core.config import Params, load_params
 from my_ml_project.core.features import kinds_of
+from my_ml_project.core.fileio import read_parquet
 from my_ml_project.data.prepare import (
     DataError,
     Schema,
@@ -277,13 +278,33 @@ def test_split_sizes_and_stratification(tmp_path: Path, make_csv: Callable[..., 
         assert np.allclose(shares.sort_index(), overall.sort_index(), atol=0.02)
 
 
+def test_read_parquet_reads_what_pandas_reads(tmp_path: Path) -> None:
+    """The unthreaded reader (core.fileio) gives pandas' frame: dtypes, categories, text, nulls."""
+    frame = pd.DataFrame(
+        {
+            "x": [1.5, np.nan, -2.0],
+            "n": [1, 2, 3],
+            "flag": [True, False, True],
+            "text": ["Básico", None, "日本"],
+            "cat": pd.Categorical(["a", "b", "a"]),
+        }
+    )
+    path = tmp_path / "frame.parquet"
+    frame.to_parquet(path, index=False)
+    expected = pd.read_parquet(path)  # noqa: TID251 (the reference)
+    pd.testing.assert_frame_equal(read_parquet(path), expected)
+    pd.testing.assert_frame_equal(read_parquet(path, ["n", "cat"]), expected[["n", "cat"]])
+    with pytest.raises(FileNotFoundError):
+        read_parquet(tmp_path / "absent.parquet")
+
+
 def _splits() -> dict[str, pd.DataFrame]:
-    return {s: pd.read_parquet(f"data/processed/{s}.parquet") for s in ("train", "val", "test")}
+    return {s: read_parquet(f"data/processed/{s}.parquet") for s in ("train", "val", "test")}
 
 
 def _assignment() -> dict[int, str]:
     """Row key -> split, as prepare wrote them."""
-    keys = pd.read_parquet("data/processed/row_keys.parquet")
+    keys = read_parquet("data/processed/row_keys.parquet")
     return dict(zip(keys["key"].tolist(), keys["split"].tolist(), strict=True))
 
 
@@ -292,13 +313,13 @@ def test_prepare_is_deterministic(project_dir: Path, update_params: Callable[...
     first = _splits()
     prepare(load_params())
     for split, df in first.items():
-        pd.testing.assert_frame_equal(pd.read_parquet(f"data/processed/{split}.parquet"), df)
+        pd.testing.assert_frame_equal(read_parquet(f"data/processed/{split}.parquet"), df)
     # The hash split ignores the seed (it is the training's): no row moves.
     prepare(update_params({"seed": 7}))
     for split, df in first.items():
-        pd.testing.assert_frame_equal(pd.read_parquet(f"data/processed/{split}.parquet"), df)
+        pd.testing.assert_frame_equal(read_parquet(f"data/processed/{split}.parquet"), df)
     prepare(update_params({"split": {"method": "random"}}))
-    assert not pd.read_parquet("data/processed/test.parquet").equals(first["test"])
+    assert not read_parquet("data/processed/test.parquet").equals(first["test"])
 
 
 def test_appending_rows_moves_no_existing_row(
@@ -386,7 +407,7 @@ def test_multiclass_integer_labels(
     assert schema.classes == ["1", "10", "2", "3"]
     _, y, _ = load_split("train")
     assert set(np.unique(y)) == {0, 1, 2, 3}
-    assert pd.read_parquet("data/processed/val.parquet")["kind"].map(type).eq(str).all()
+    assert read_parquet("data/processed/val.parquet")["kind"].map(type).eq(str).all()
 
 
 # --- what later stages load ----------------------------------------------------------------------
@@ -405,7 +426,7 @@ def test_load_split_dtypes_and_shapes(prepared_project: Path) -> None:
         classes=["negative", "positive"],
         kinds=dict.fromkeys(FEATURES, "numeric"),
     )
-    df = pd.read_parquet("data/processed/test.parquet")
+    df = read_parquet("data/processed/test.parquet")
     assert np.array_equal(x, df[FEATURES].to_numpy(np.float32))
     assert [schema.classes[i] for i in y] == df["label"].tolist()
 
@@ -428,7 +449,7 @@ def test_mixed_schema_records_kinds_and_the_train_vocabulary(
         "auto_renew": "boolean",
     }
     assert schema["missing"] == "impute"
-    train = pd.read_parquet("data/processed/train.parquet")
+    train = read_parquet("data/processed/train.parquet")
     for column in ("plan", "country"):
         assert schema["categories"][column] == sorted(train[column].dropna().unique())
     assert "Équipe, 5 sièges" in schema["categories"]["plan"]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from my_ml_project.core.fileio import read_parquet
 from my_ml_project.model.network import TabularClassifier, predict_frame, save_model
 from my_ml_project.serving import batch as predict
 
@@ -54,7 +55,7 @@ def test_output_is_predict_frame_in_any_chunking(model_file: Path, tmp_path: Pat
     frame = rows()
     source = tmp_path / f"in{suffix}"
     frame.to_parquet(source) if suffix == ".parquet" else frame.to_csv(source, index=False)
-    read = pd.read_parquet if suffix == ".parquet" else pd.read_csv
+    read = read_parquet if suffix == ".parquet" else pd.read_csv
     assert score(model_file, source, tmp_path / f"one{suffix}") == 0
     assert score(model_file, source, tmp_path / f"many{suffix}", "--chunk-rows", "7") == 0
     one, many = read(tmp_path / f"one{suffix}"), read(tmp_path / f"many{suffix}")
@@ -86,7 +87,7 @@ def test_bad_rows_go_to_the_rejects_file_with_number_and_reason(
     assert rejects["id"].tolist() == [3, 11]
     assert "size" in rejects["reason"][0]
     assert "renew: missing value" in rejects["reason"][1]
-    scored = pd.read_parquet(output)
+    scored = read_parquet(output)
     assert scored["id"].tolist() == [i for i in range(20) if i not in (3, 11)]
     assert list(scored.columns) == ["id", "label", "no", "yes", "maybe", "model_version"]
 

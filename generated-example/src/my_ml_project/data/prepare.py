@@ -35,7 +35,7 @@ from ..core.features import (
     typed,
     vocabulary,
 )
-from ..core.fileio import atomic_write, atomic_write_text, file_md5
+from ..core.fileio import atomic_write, atomic_write_text, file_md5, read_parquet
 from ..core.paths import PROCESSED_DIR, ROW_KEYS_FILE, SCHEMA_FILE, SPLITS, module
 
 FIX_COLUMNS = "edit data.raw_path / data.target / data.features in params.yaml"
@@ -489,7 +489,7 @@ def load_row_keys(name: str, processed_dir: str | Path = PROCESSED_DIR) -> np.nd
     """The row keys of one prepared split, in its row order (DataError when absent)."""
     path = Path(processed_dir) / ROW_KEYS_FILE
     try:
-        frame = pd.read_parquet(path)
+        frame = read_parquet(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} cannot be read ({exc}): {FIX_PREPARE}") from None
     return frame.loc[frame["split"] == name, "key"].to_numpy(np.uint64)
@@ -503,7 +503,7 @@ def load_frame(name: str, processed_dir: str | Path = PROCESSED_DIR) -> tuple[pd
     schema = Schema.load(processed_dir / SCHEMA_FILE)
     path = processed_dir / f"{name}.parquet"
     try:
-        df = pd.read_parquet(path)
+        df = read_parquet(path)
     except FileNotFoundError:
         raise DataError(f"{path} not found: {FIX_PREPARE}") from None
     absent = [c for c in [*schema.features, schema.target] if c not in df.columns]

@@ -45,7 +45,7 @@ import pandas as pd
 
 from ..core.config import MonitorParams, ProjectError, SliceParams, cli_errors, load_params
 from ..core.features import BOOLEAN, CATEGORICAL, NUMERIC, ModelInputError, typed
-from ..core.fileio import atomic_write_text
+from ..core.fileio import atomic_write_text, read_parquet
 from ..core.paths import LOGGED_MODELS_DIR, REPORTS_DIR
 from ..data.prepare import DataError, Schema, load_frame
 from ..evaluation import slices as slicing
@@ -247,7 +247,7 @@ def file_traffic(path: Path, schema: Schema) -> Traffic:
     text = {name: str for name in (schema.target, "label", "model_version")}
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            frame = pd.read_parquet(path)
+            frame = read_parquet(path)
         else:
             frame = pd.read_csv(path, dtype=text)
     except FileNotFoundError:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import layout
 from ..core.config import MlflowParams, ProjectError, cli_errors, load_params
+from ..core.fileio import read_parquet
 from ..core.paths import ARTIFACT_DIR, PACKAGE, SEEN_ROWS_ARTIFACT, module
 
 if TYPE_CHECKING:
@@ -470,7 +471,6 @@ def seen_rows(model_name: str, version: str) -> np.ndarray | None:
     when it did but they cannot be read (the artefacts are gone)."""
     import mlflow
     import numpy as np
-    import pandas as pd
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
     from mlflow.exceptions import MlflowException
 
@@ -489,7 +489,7 @@ def seen_rows(model_name: str, version: str) -> np.ndarray | None:
             )
         except (MlflowException, OSError) as exc:
             raise RegistryError(f"its training rows cannot be read ({_first_line(exc)})") from None
-        return pd.read_parquet(path)["key"].to_numpy(np.uint64)
+        return read_parquet(path, ["key"])["key"].to_numpy(np.uint64)
 
 
 def version_details(model_name: str, version: str) -> dict[str, Any]:
