@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import shutil
 import subprocess
 import sys
 import time
@@ -86,13 +87,13 @@ def remote_kind(remote: str) -> str:
 
 def code_digest(project: Path) -> str:
     """What the unit tests depend on: the package, the tests, dvc.yaml and params.yaml, less the
-    two keys the generated tests replace (tests/conftest.py's FAST_PARAMS: train.device,
+    keys the generated tests replace (tests/conftest.py's FAST_PARAMS: split.salt, train.device,
     mlflow.tracking_uri; every render's own values are loaded by its own loader above)."""
     digest = hashlib.sha256()
     for path in sorted([*project.glob("src/**/*.py"), *project.glob("tests/**/*.py")]):
         digest.update(path.relative_to(project).as_posix().encode() + path.read_bytes())
     params = yaml.safe_load((project / "params.yaml").read_text())
-    del params["train"]["device"], params["mlflow"]["tracking_uri"]
+    del params["split"]["salt"], params["train"]["device"], params["mlflow"]["tracking_uri"]
     pipeline = yaml.safe_load((project / "dvc.yaml").read_text())
     digest.update(yaml.safe_dump([params, pipeline]).encode())
     return digest.hexdigest()
@@ -156,6 +157,9 @@ def test_answer_matrix(pristine: Project, tmp_path: Path) -> None:
         if digest in tested:
             continue
         tested.add(digest)
+        # Renders skip the lock task; the tests run in pristine's environment, locked by its
+        # uv.lock (test_serving checks the Bento's pins against the lock).
+        shutil.copy(pristine.path / "uv.lock", project / "uv.lock")
         proc = subprocess.run(
             [pristine.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow"],
             cwd=project,
