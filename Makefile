@@ -21,8 +21,8 @@ $(TOOLS_BIN)/nox:
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS_BIN)/python -m pip install --quiet --disable-pip-version-check $(TOOL_REQUIREMENTS)
 
-test: tools ## Everything CI runs: lint, fast tests, end-to-end tests
-	$(NOX) -s lint tests e2e
+test: tools ## Everything CI runs: lint, then every test on parallel workers
+	$(NOX) -s lint suite
 
 lint: tools ## Ruff on the repository and on a rendered project
 	$(NOX) -s lint

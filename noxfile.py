@@ -10,6 +10,7 @@ is set, a torch wheel found in pip's find-links folder is used, else PyTorch's C
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -26,6 +27,9 @@ ROOT = Path(__file__).parent.resolve()
 EXAMPLE = ROOT / "generated-example"
 DEMO = ROOT / "build" / "demo"
 PYTHON = "3.11"
+# Test workers of `nox -s suite`: one more than the cores, as much of the end-to-end suite waits on
+# servers, scrapes and subprocesses (tests/conftest.py groups and orders the work).
+WORKERS = str((os.cpu_count() or 1) + 1)
 
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers import torch_source_env  # noqa: E402
@@ -70,6 +74,17 @@ def e2e(session: nox.Session) -> None:
     """End-to-end: render, install, test, train, resume, DDP, gate, MLflow server (minutes)."""
     _install(session)
     session.run("pytest", "-m", "e2e", *session.posargs, env=_test_env())
+
+
+@nox.session(python=PYTHON, default=False)
+def suite(session: nox.Session) -> None:
+    """Every test, fast and end-to-end, on parallel workers (`make test`; `-- -n N` for N)."""
+    _install(session)
+    workers = [] if any(arg.startswith("-n") for arg in session.posargs) else ["-n", WORKERS]
+    session.run(
+        "pytest", *workers, "--dist", "loadgroup", "--no-loadscope-reorder", "--durations=15",
+        *session.posargs, env=_test_env(),
+    )  # fmt: skip
 
 
 @nox.session(python=PYTHON, default=False)

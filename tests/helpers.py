@@ -5,6 +5,7 @@ Also a small CLI for the noxfile: ``python tests/helpers.py render-example DST``
 
 from __future__ import annotations
 
+import fcntl
 import filecmp
 import os
 import shutil
@@ -93,11 +94,16 @@ def npm_tools(cache: Path | None = None) -> Path:
     prefix = cache or base / "mlops-template" / "npm"
     bin_dir = prefix / "node_modules" / ".bin"
     stamp = prefix / "installed.txt"  # what was installed: a new pin reinstalls
-    if not stamp.exists() or stamp.read_text() != " ".join(NPM_TOOLS):
-        prefix.mkdir(parents=True, exist_ok=True)
-        command = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", *NPM_TOOLS]
-        subprocess.run(command, check=True, capture_output=True, stdin=subprocess.DEVNULL)
-        stamp.write_text(" ".join(NPM_TOOLS))
+    prefix.mkdir(parents=True, exist_ok=True)
+    # Parallel test workers install at most once, one at a time.
+    with open(prefix / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not stamp.exists() or stamp.read_text() != " ".join(NPM_TOOLS):
+            install = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund"]
+            subprocess.run(
+                [*install, *NPM_TOOLS], check=True, capture_output=True, stdin=subprocess.DEVNULL
+            )
+            stamp.write_text(" ".join(NPM_TOOLS))
     return bin_dir
 
 

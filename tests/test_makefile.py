@@ -30,7 +30,7 @@ def test_make_bootstraps_uv_and_nox_without_them_on_path(tmp_path: Path) -> None
     planned = subprocess.run(
         [*make, "-n", "test"], cwd=tmp_path, env=env, check=True, capture_output=True, text=True
     ).stdout
-    assert planned.split() == [str(tools / "bin" / "nox"), "-s", "lint", "tests", "e2e"]
+    assert planned.split() == [str(tools / "bin" / "nox"), "-s", "lint", "suite"]
     found = subprocess.run(
         [*make, "--eval", "where:\n\t@command -v uv; command -v nox", "where"],
         cwd=tmp_path, env=env, check=True, capture_output=True, text=True,
