@@ -247,6 +247,33 @@ def test_cuda_only_keeps_what_another_package_needs(noxfiles) -> None:
     assert left_out == {"nvidia-cublas", "nvidia-cuda-runtime"}
 
 
+def test_lock_facts_are_kept_per_lock_and_read_again_when_it_changes(
+    noxfiles, tmp_path: Path
+) -> None:
+    environment = noxfiles["auto"].environment
+    lock, venv = tmp_path / "uv.lock", tmp_path / "venv"
+    shutil.copy(EXAMPLE / "uv.lock", lock)
+    packages = lock_packages(lock)
+    torch = next(p["version"] for p in packages if p["name"] == "torch")
+    expected = (torch, sorted(environment.cuda_only(packages)))
+    assert environment.lock_facts(lock, venv) == expected  # no environment yet: nothing kept
+    assert not venv.exists()
+    venv.mkdir()
+    assert environment.lock_facts(lock, venv) == expected
+    kept = json.loads((venv / ".lock-facts.json").read_text())
+    assert (kept["torch"], kept["cuda_only"]) == expected
+    # The kept answer is what is read while the lock is the same...
+    (venv / ".lock-facts.json").write_text(json.dumps({**kept, "torch": "0.0.1"}))
+    assert environment.lock_facts(lock, venv)[0] == "0.0.1"
+    # ...and a changed lock (another torch) is parsed again; so is an unreadable cache.
+    entry = f'name = "torch"\nversion = "{torch}"'
+    lock.write_text(lock.read_text().replace(entry, 'name = "torch"\nversion = "9.9.9"'))
+    assert environment.lock_facts(lock, venv)[0] == "9.9.9"
+    (venv / ".lock-facts.json").write_text("{not json")
+    assert environment.lock_facts(lock, venv)[0] == "9.9.9"
+    assert json.loads((venv / ".lock-facts.json").read_text())["torch"] == "9.9.9"
+
+
 # --- installing from the lock (e2e) -----------------------------------------------------------
 
 
