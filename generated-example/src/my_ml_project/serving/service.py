@@ -12,7 +12,10 @@ is the model's (see :mod:`.serving`), read from the BentoML model's metadata whe
 built. No MLflow here: it would add seconds to start-up.
 
 Importing this module does nothing: :func:`build_service` makes the service, and BentoML's
-``<package>.serving.service:Predictor`` reaches it through the module's ``__getattr__``.
+``<package>.serving.service:Predictor`` reaches it through the module's ``__getattr__``. PyTorch
+and the model code are imported by the worker that loads the model, not here: `bentoml serve`
+also builds the service in its own process first, to read its configuration, and torch's import
+(~2 s) there delayed readiness.
 
 Which models: ``deployment.json`` beside this module in the Bento (written by ``nox -s deploy``)
 names the served model and, with ``serve.shadow: true``, the shadow (the challenger), scored
@@ -26,6 +29,7 @@ import gc
 import json
 import logging
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,13 +37,10 @@ from typing import TYPE_CHECKING, Any
 import bentoml
 import numpy as np
 import pandas as pd
-import torch
 
 from ..core.config import ProjectError
 from ..core.features import FeatureSpec
 from ..core.paths import DEPLOYMENT_FILE, MODEL_NAME, WEIGHTS
-from ..model.explain import attribute_frame, integrated_gradients
-from ..model.network import load_model, predict_frame
 from .contract import (
     REQUEST_ID,
     Batcher,
@@ -114,6 +115,12 @@ def model_card(stored: Any) -> dict[str, Any]:
     return card | {"classes": meta["config"]["class_names"], "bento_model": str(stored.tag)}
 
 
+def _import_explainer() -> None:
+    from ..model.explain import integrated_gradients
+
+    integrated_gradients()
+
+
 CONTAINERIZED = "BENTOML_CONTAINERIZED"  # set in every image `bentoml containerize` builds
 
 
@@ -162,6 +169,10 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             shadow_ref = SHADOW_REF
 
         def __init__(self) -> None:
+            import torch
+
+            from ..model.network import load_model
+
             device = "cuda" if torch_backend() != "cpu" and torch.cuda.is_available() else "cpu"
             if device == "cpu":
                 # One request at a time per worker: more intra-op threads only contend for the cores
@@ -171,7 +182,9 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             self.model = load_model(STORED.path_of(WEIGHTS)).to(device)
             self.version = str(STORED.info.metadata["registry_version"])
             self.stats = (self.model.mean.cpu().numpy(), self.model.std.cpu().numpy())
-            integrated_gradients()  # its import now (~0.5 s), not in the first /explain
+            # captum's import (~0.5 s) beside the first requests rather than before readiness
+            # (or in the first /explain): a thread, as imports release the GIL between modules.
+            threading.Thread(target=_import_explainer, name="import-captum", daemon=True).start()
             self.log = None
             if SETTINGS.log_enabled:
                 self.log = PredictionLog(
@@ -222,6 +235,10 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
         @staticmethod
         def _score(model: Any, records: list[dict[str, Any]]) -> Scores:
             """Labels and probabilities; NonFiniteError rather than a label of NaN scores."""
+            import torch  # in sys.modules since __init__: a dictionary lookup
+
+            from ..model.network import predict_frame
+
             frame = pd.DataFrame(records, columns=list(SPEC.names))
             with torch.inference_mode():
                 out = predict_frame(model, frame)
@@ -290,6 +307,8 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             except InputError as exc:
                 ctx.response.status_code = 422
                 return {"error": "values the model cannot compute", "detail": exc.problems}
+            from ..model.explain import attribute_frame
+
             classes = self.model.class_names
             frame = pd.DataFrame(records, columns=list(SPEC.names))
             # The answer's own labels: the attributions explain what the client was told.

@@ -52,7 +52,8 @@ def integrated_gradients() -> type:
     """captum's IntegratedGradients, imported on first use: ``captum.attr`` loads matplotlib
     (its plotting helpers), 0.5-0.7 s and a font cache written under ``~``, which importing this
     module must not cost (the pyfunc and the stages that never explain import ``model/``). The
-    service calls this at start-up, so no request pays for it."""
+    service calls this in a thread as it starts: not before it is ready, nor in the first
+    ``/explain``."""
     from captum.attr import IntegratedGradients
 
     return IntegratedGradients
