@@ -198,7 +198,7 @@ def mlflow_server(project: Project, store: Path) -> Iterator[str]:
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ],
         # MLflow 3's server-side jobs (GenAI evaluation) start seven polling job runners, which
-        # took ~0.5 core between them: no test uses them (the project's `mlflow-ui` does the same).
+        # took 0.26 core of an idle server: no test uses them (nor the project's `mlflow-ui`).
         env={**project.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -272,6 +272,12 @@ def test_lock_facts_are_kept_per_lock_and_read_again_when_it_changes(
     (venv / ".lock-facts.json").write_text("{not json")
     assert environment.lock_facts(lock, venv)[0] == "9.9.9"
     assert json.loads((venv / ".lock-facts.json").read_text())["torch"] == "9.9.9"
+    # A cache that cannot be written (here: a folder in its place) costs a parse, nothing else.
+    (venv / ".lock-facts.json").unlink()
+    (venv / ".lock-facts.json").mkdir()
+    (venv / ".lock-facts.json" / "x").touch()
+    assert environment.lock_facts(lock, venv)[0] == "9.9.9"
+    assert sorted(p.name for p in venv.iterdir()) == [".lock-facts.json"]  # no partial file left
 
 
 # --- installing from the lock (e2e) -----------------------------------------------------------

@@ -153,10 +153,12 @@ def lock_facts(lock_file: Path, venv: Path) -> tuple[str, list[str]]:
     cuda = sorted(cuda_only(packages))
     if venv.is_dir():  # `uv sync` makes it; the next session keeps the answer
         facts = {"sha256": digest, "torch": version, "cuda_only": cuda}
-        with contextlib.suppress(OSError):
-            partial = cache.with_name(f"{cache.name}.{os.getpid()}")
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}")
+        try:
             partial.write_text(json.dumps(facts), encoding="utf-8")
             os.replace(partial, cache)
+        except OSError:  # a full disk or a read-only environment: parsed again next time
+            partial.unlink(missing_ok=True)
     return version, cuda
 
 
