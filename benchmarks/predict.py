@@ -64,8 +64,8 @@ def child(
     """One side in this (fresh) process: the best of ``passes`` (the first pays for page faults
     and lazy initialisation, which the other side would not share)."""
     pkg = _package()
-    model = importlib.import_module(f"{pkg}.model").load_model("models/model.pt")
-    predict = importlib.import_module(f"{pkg}.predict")
+    model = importlib.import_module(f"{pkg}.model.network").load_model("models/model.pt")
+    predict = importlib.import_module(f"{pkg}.serving.batch")
     base = _status_mb("VmRSS")
     best = 0.0
     for _ in range(passes):
