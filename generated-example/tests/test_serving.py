@@ -206,6 +206,28 @@ def test_a_record_that_cannot_be_encoded_is_rejected_and_the_writer_goes_on(tmp_
     assert sum(n for name, n in counted if name == "rejected") == 1
 
 
+def test_text_that_reads_nan_is_logged_and_infinity_is_rejected(tmp_path) -> None:
+    """The log's fast encoder writes NaN and Infinity as bare tokens; a line holding one is
+    judged again strictly: text that reads so is kept, a non-finite number is rejected."""
+    log = PredictionLog(tmp_path, flush_s=60)
+    text = {"label": "NaN", "probabilities": {"NaN": 0.5, "Infinity": 0.5}}
+    infinite = {"label": "a", "probabilities": {"a": float("inf"), "b": 0.5}}
+    log.record("text", "1", [ROW], [text])
+    log.record("inf", "1", [ROW], [infinite])
+    log.feedback("text", ["NaN"])
+    log.close()
+    written = [json.loads(line) for p in tmp_path.rglob("predictions-*.jsonl") for line in p.open()]
+    assert [(r["request_id"], r["label"], r["probabilities"]) for r in written] == [
+        ("text", "NaN", {"NaN": 0.5, "Infinity": 0.5})
+    ]
+    assert written[0]["inputs"] == ROW
+    (labels,) = [json.loads(line) for p in tmp_path.rglob("feedback-*.jsonl") for line in p.open()]
+    assert labels["labels"] == ["NaN"]
+    (reject,) = [json.loads(line) for p in tmp_path.rglob("rejects-*.jsonl") for line in p.open()]
+    assert reject["request_id"] == "inf"
+    assert log.counts["rejected"] == 1
+
+
 # Run in a process of its own: the file-size limit holds for every file the process writes.
 FULL_DISK = """
 import json, resource, sys, time

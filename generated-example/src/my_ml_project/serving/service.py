@@ -32,11 +32,12 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import bentoml
 import numpy as np
 import pandas as pd
+from bentoml.validators import ContentType
 
 from ..core.config import ProjectError
 from ..core.features import FeatureSpec
@@ -85,6 +86,11 @@ def count_log(name: str, n: int) -> None:
 
 
 DEPLOYMENT = Path(__file__).with_name(DEPLOYMENT_FILE)
+
+# What each route answers: a JSON object. The content type is named, not left for BentoML to
+# infer: for an untyped ``dict`` it builds the answer's JSON schema on every response (0.13 ms a
+# response, a quarter of the worker's time at 64 clients, measured with py-spy).
+Answer = Annotated[dict[str, Any], ContentType("application/json")]
 
 # Also on /metrics (deploy/prometheus/ alerts on these, deploy/grafana/ shows them).
 MODEL_INFO = bentoml.metrics.Gauge(
@@ -271,7 +277,7 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
                 raise InputError(blamed) from None
 
         @bentoml.api
-        async def predict(self, rows: Rows, ctx: bentoml.Context) -> dict[str, Any]:
+        async def predict(self, rows: Rows, ctx: bentoml.Context) -> Answer:
             """Label and class probabilities of each row, in order."""
             records = [row.model_dump() for row in rows]
             try:
@@ -286,16 +292,16 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             if self.shadow is not None:
                 # After the answer: the challenger's scores only reach the log, never the client.
                 task = asyncio.get_running_loop().create_task(
-                    self._shadow_score(request_id, rows, records, answers)
+                    self._shadow_score(request_id, records, answers)
                 )
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            elif self.log is not None:
-                self.log.record(request_id, self.version, rows, answers)
+            elif self.log is not None:  # the rows as dumped already: not dumped again to log them
+                self.log.record(request_id, self.version, records, answers)
             return {"model_version": self.version, "predictions": answers}
 
         @bentoml.api
-        async def explain(self, rows: Rows, ctx: bentoml.Context) -> dict[str, Any]:
+        async def explain(self, rows: Rows, ctx: bentoml.Context) -> Answer:
             """As /predict, each row with the attribution of each feature column to its label's
             probability (Integrated Gradients from the typical row) and that row's probability.
 
@@ -326,7 +332,7 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             return {"model_version": self.version, "predictions": answers}
 
         async def _shadow_score(
-            self, request_id: str, rows: Any, records: list[dict[str, Any]], answers: list[dict]
+            self, request_id: str, records: list[dict[str, Any]], answers: list[dict]
         ) -> None:
             await asyncio.sleep(0)  # let the champion's answer go out first
             assert self.log is not None
@@ -337,7 +343,7 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             except Exception:  # the challenger failing must not lose the champion's record
                 logger.exception("shadow model failed on request %s", request_id)
                 shadow = None
-            self.log.record(request_id, self.version, rows, answers, shadow)
+            self.log.record(request_id, self.version, records, answers, shadow)
 
         @bentoml.api
         async def feedback(
@@ -345,7 +351,7 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             request_id: RequestId,
             labels: Labels,  # type: ignore[valid-type]
             ctx: bentoml.Context,
-        ) -> dict[str, Any]:
+        ) -> Answer:
             """Record the true class of each row of an answered request (in its row order)."""
             if self.log is None:
                 ctx.response.status_code = 409

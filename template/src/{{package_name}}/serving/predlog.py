@@ -40,6 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
+
 from ..core.features import category_label
 from ..core.fileio import atomic_write_text
 from ..core.paths import LOGGED_MODELS_DIR, PREDICTION_LOG_DIR, PREDICTION_LOG_ENV, REQUEST_INDEX
@@ -194,10 +196,10 @@ class PredictionLog:
             if isinstance(line, Exception):
                 self._count("rejected")
                 reject = {"ts": ts, "request_id": request_id, "kind": kind, "row": row}
-                line = json.dumps(reject | {"reason": f"{type(line).__name__}: {line}"})
-                self._out.append(_Line(folder / f"{REJECTS}-{pid}.jsonl", f"{line}\n".encode()))
+                text = json.dumps(reject | {"reason": f"{type(line).__name__}: {line}"})
+                self._out.append(_Line(folder / f"{REJECTS}-{pid}.jsonl", f"{text}\n".encode()))
             else:
-                self._out.append(_Line(folder / f"{kind}-{pid}.jsonl", f"{line}\n".encode()))
+                self._out.append(_Line(folder / f"{kind}-{pid}.jsonl", line + b"\n"))
 
     def _bound(self) -> None:
         """Drop the oldest encoded lines past ``max_pending`` (a line half written stays)."""
@@ -288,7 +290,7 @@ class PredictionLog:
 
     def _lines(
         self, kind: str, ts: str, item: tuple[Any, ...]
-    ) -> Iterator[tuple[int | None, str | Exception]]:
+    ) -> Iterator[tuple[int | None, bytes | Exception]]:
         """(row, line) for each record of ``item``; the exception when it cannot be encoded."""
         if kind == FEEDBACK:
             request_id, labels = item
@@ -337,10 +339,23 @@ class PredictionLog:
                 self._out.clear()
 
 
-def _encoded(record: dict[str, Any]) -> str | Exception:
-    """The JSON line of ``record``, or the reason it has none (NaN, inf, an odd type)."""
+def _encoded(record: dict[str, Any]) -> bytes | Exception:
+    """The JSON line of ``record``, or the reason it has none (NaN, inf, an odd type).
+
+    pydantic-core's encoder (6 us a served row against json's 30 us, measured): the writer shares
+    the worker's interpreter lock with the requests, and with json it fell behind under load
+    (24,000 lines in 150 s at 1,170 req/s on one worker). It writes non-finite floats as the
+    bare tokens NaN and Infinity: a line holding either token anywhere (a string included) is
+    encoded again by json, strictly, which rejects it or, when the token was text, writes it.
+    """
     try:
-        return json.dumps(record, allow_nan=False)
+        line = pydantic_core.to_json(record, inf_nan_mode="constants")
+    except (pydantic_core.PydanticSerializationError, TypeError, ValueError):
+        line = b"NaN"  # json names the reason below
+    if b"NaN" not in line and b"Infinity" not in line:
+        return line
+    try:
+        return json.dumps(record, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         return exc
 
