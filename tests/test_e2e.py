@@ -114,6 +114,22 @@ def test_retrain_check_without_a_report_fails_in_one_line(pristine: Project, tmp
     assert "Traceback" not in result.stderr
 
 
+def test_a_trained_project_passes_the_secrets_hook(trained: Project) -> None:
+    """What training writes for git (data/processed/schema.json holds the data's md5) commits
+    without a false secret; the same hex under another key is still caught."""
+    schema = trained.json("data/processed/schema.json")
+    assert len(schema["raw"]["md5"]) == 32
+    trained.nox("secrets")
+    leak = trained.path / "leak.json"
+    leak.write_text(json.dumps({"token": schema["raw"]["md5"]}) + "\n")
+    try:
+        found = trained.nox("secrets", check=False)
+    finally:
+        leak.unlink()
+    assert found.returncode != 0
+    assert "leak.json" in found.stdout + found.stderr
+
+
 def test_metrics_session_writes_the_gate_decision(trained: Project, tmp_path: Path) -> None:
     summary = tmp_path / "summary.md"
     trained.nox("metrics", "--", str(summary))
