@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from my_ml_project.serving.contract import (
     rows_type,
 )
 from my_ml_project.serving.deploy import serving_closure
-from my_ml_project.serving.predlog import PredictionLog, count_rows
+from my_ml_project.serving.predlog import PredictionLog, RequestIndex, count_rows
 
 SPEC = FeatureSpec.build(
     ["size", "member", "plan"],
@@ -413,6 +414,56 @@ def test_probes_answer_whatever_the_host_and_token() -> None:
     assert guarded(LOCKED, "GET", "/readyz", {"host": "10.1.2.3:3000"})[0] == 200
 
 
+def test_feedback_waits_in_its_lane_while_predictions_go_through() -> None:
+    """SERVE_FEEDBACK_CONCURRENCY (1): one /feedback request at a time reaches the service;
+    /predict never waits for the feedback lane."""
+    inside = {"/feedback": 0, "/predict": 0}
+    most = dict(inside)
+    release = asyncio.Event()
+
+    async def app(scope: dict, receive, send) -> None:
+        path = scope["path"]
+        inside[path] += 1
+        most[path] = max(most[path], inside[path])
+        if path == "/feedback":
+            await release.wait()  # a slow lookup
+        inside[path] -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    settings = ServeSettings.from_env({"SERVE_FEEDBACK_OPEN": "yes"})
+    assert settings.feedback_concurrency == 1
+    guard = Guard(app, settings, lanes={"/feedback": settings.feedback_concurrency})
+
+    async def post(path: str) -> int:
+        scope = {"type": "http", "method": "POST", "path": path,
+                 "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                             (b"content-length", b"2")]}  # fmt: skip
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await guard(scope, receive, send)
+        return sent[0]["status"]
+
+    async def scenario() -> list[int]:
+        feedback = [asyncio.create_task(post("/feedback")) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        assert (inside["/feedback"], most["/feedback"]) == (1, 1)  # the others wait outside
+        assert await asyncio.wait_for(post("/predict"), 1) == 200  # not behind the lane
+        release.set()
+        return await asyncio.gather(*feedback)
+
+    assert asyncio.run(scenario()) == [200] * 4
+    assert most == {"/feedback": 1, "/predict": 1}
+    with pytest.raises(ValueError, match="SERVE_FEEDBACK_CONCURRENCY"):
+        ServeSettings.from_env({"SERVE_FEEDBACK_CONCURRENCY": "0"})
+
+
 def test_a_client_error_logs_one_warning_line_with_the_request_id(caplog) -> None:
     secret = json.dumps({"rows": [ROW], "card_number": "4111"}).encode()
     with caplog.at_level("INFO"):
@@ -475,6 +526,26 @@ def test_feedback_finds_a_request_in_the_index_without_reading_the_log(tmp_path)
     assert count_rows(tmp_path, "b" * 32) == 3
     assert count_rows(tmp_path, "c" * 32) == 0
     assert count_rows(tmp_path / "missing", "b" * 32) == 0
+
+
+def test_the_feedback_index_keeps_its_connection_and_sees_new_requests(tmp_path) -> None:
+    index = RequestIndex(tmp_path)
+    assert index.rows("b" * 32) == 0
+    assert not index.path.exists()  # a lookup before the first write creates nothing
+    log = PredictionLog(tmp_path, flush_s=60)
+    log.record("b" * 32, "1", [ROW] * 3, [{"label": "x"}] * 3)
+    log.flush()
+    assert index.rows("b" * 32) == 3
+    log.record("d" * 32, "1", [ROW], [{"label": "x"}])
+    log.close()
+    assert index.rows("d" * 32) == 1  # written after the connection was opened
+    assert index.rows("c" * 32) == 0
+    # Answered from a thread of its own, on a connection of its own (as /feedback does).
+    assert asyncio.run(asyncio.to_thread(index.rows, "b" * 32)) == 3
+    index.path.unlink()
+    index.path.write_bytes(b"not a database")
+    with pytest.raises(sqlite3.DatabaseError):
+        RequestIndex(tmp_path).rows("b" * 32)
 
 
 def test_the_bento_pins_what_the_service_imports_at_the_locked_versions() -> None:

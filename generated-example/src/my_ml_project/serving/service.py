@@ -62,7 +62,7 @@ from .contract import (
     rows_type,
     torch_backend,
 )
-from .predlog import COUNTS, PredictionLog, count_rows
+from .predlog import COUNTS, PredictionLog, RequestIndex
 
 logger = logging.getLogger(__name__)
 # Requests refused because the model would compute non-finite numbers: caught on the input
@@ -207,6 +207,7 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             self.batcher = Batcher(self._score_served, SETTINGS.max_rows)
             MODEL_INFO.labels(model_version=self.version).set(1)
             self.recent = RecentRequests()
+            self.index = RequestIndex(SETTINGS.log_dir)
             self.shadow = None
             if SHADOW_REF is not None and SHADOW_REF.stored is not None and self.log is not None:
                 stored = SHADOW_REF.stored
@@ -358,7 +359,7 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
                 return {"error": "the prediction log is off (PREDICTION_LOG=off): nothing to label"}
             rows = self.recent.get(request_id)
             if rows is None:  # answered by another worker, or before a restart: the log knows
-                rows = await asyncio.to_thread(count_rows, SETTINGS.log_dir, request_id)
+                rows = await asyncio.to_thread(self.index.rows, request_id)
             try:
                 true = feedback_labels(labels, rows, self.model.class_names)
             except FeedbackError as exc:
@@ -381,6 +382,9 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             "/explain": frozenset({"rows"}),
             "/feedback": frozenset({"request_id", "labels"}),
         },
+        # Labels are not urgent, answers are: with 8 clients posting unknown-id feedback back to
+        # back, /predict's p99 was 1.4x idle with a lane of 1, 2.5x without (one worker, 2 cores).
+        lanes={"/feedback": SETTINGS.feedback_concurrency},
     )
     return Predictor
 

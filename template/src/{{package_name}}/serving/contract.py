@@ -81,6 +81,7 @@ class ServeSettings:
     token: str | None = None
     feedback_token: str | None = None
     feedback_open: bool = False
+    feedback_concurrency: int = 1
     allow_open: bool = False
     bind_host: str | None = None
     allowed_hosts: tuple[str, ...] = ()
@@ -92,7 +93,8 @@ class ServeSettings:
         writes fail), SERVE_LOG_STUCK_S (seconds of failing writes before /readyz fails),
         SERVICE_API_TOKEN (``/predict`` and the OpenAPI
         page), SERVICE_FEEDBACK_TOKEN (``/feedback``), SERVE_FEEDBACK_OPEN (``yes``: feedback
-        without a token), SERVE_ALLOW_OPEN (``yes``: serve a non-loopback address with no
+        without a token), SERVE_FEEDBACK_CONCURRENCY (feedback requests a worker handles at
+        once, 1), SERVE_ALLOW_OPEN (``yes``: serve a non-loopback address with no
         token), SERVE_BIND_HOST (the address served, as ``nox -s serve`` passes it on),
         SERVE_ALLOWED_HOSTS (``Host`` values accepted beside the loopback names and the bind
         address, comma-separated; ``*``: any)."""
@@ -108,6 +110,9 @@ class ServeSettings:
             token=env.get("SERVICE_API_TOKEN") or None,
             feedback_token=env.get("SERVICE_FEEDBACK_TOKEN") or None,
             feedback_open=_flag(env, "SERVE_FEEDBACK_OPEN"),
+            feedback_concurrency=_int_env(
+                env, "SERVE_FEEDBACK_CONCURRENCY", cls.feedback_concurrency
+            ),
             allow_open=_flag(env, "SERVE_ALLOW_OPEN"),
             bind_host=env.get("SERVE_BIND_HOST", "").strip().lower() or None,
             allowed_hosts=_hosts(env.get("SERVE_ALLOWED_HOSTS", "")),
@@ -309,6 +314,10 @@ class Guard:
     the route does not take (422). Probes and metrics stay open. Tokens are compared in
     constant time and never logged. Each request gets an ``X-Request-ID`` (the id /predict
     logs its rows under); a 4xx is logged as one WARNING line with it, never the content.
+
+    ``lanes`` bound how many requests of a route a worker handles at once: the others wait,
+    before their body is read, so that a burst of one route (labels sent in bulk to
+    ``/feedback``) cannot crowd out another (``/predict``) on the worker's one event loop.
     """
 
     def __init__(
@@ -316,9 +325,11 @@ class Guard:
         app: ASGIApp,
         settings: ServeSettings | None = None,
         fields: dict[str, frozenset[str]] | None = None,
+        lanes: dict[str, int] | None = None,
     ) -> None:
         settings = settings or ServeSettings()
         self.app, self.max_body, self.fields = app, settings.max_body_bytes, fields or {}
+        self.lanes = {path: asyncio.Semaphore(n) for path, n in (lanes or {}).items()}
         self.hosts = settings.hosts()
         self.tokens = {"/feedback": settings.feedback_token}
         self.default_token = settings.token
@@ -347,9 +358,11 @@ class Guard:
             refused = self._refused(scope, dict(headers))
             if refused is not None:
                 return await _reply(answer, *refused)
-            if scope["method"] == "POST" and scope["path"] in self.fields:
-                return await self._checked_body(scope, receive, answer)
-            return await self.app(scope, receive, answer)
+            lane = self.lanes.get(scope["path"])
+            async with lane if lane is not None else contextlib.nullcontext():
+                if scope["method"] == "POST" and scope["path"] in self.fields:
+                    return await self._checked_body(scope, receive, answer)
+                return await self.app(scope, receive, answer)
         finally:
             if 400 <= status < 500:
                 logger.warning(
