@@ -36,9 +36,19 @@ def _package() -> str:
     return Path(wheel["targets"]["wheel"]["packages"][0]).name
 
 
+# The project's modules this benchmark calls, by role (their place in the package's layout).
+MODULES = {
+    "config": "core.config",
+    "data": "data.prepare",
+    "loop": "training.loop",
+    "model": "model.network",
+    "distributed": "training.distributed",
+}
+
+
 def _modules() -> dict[str, object]:
     pkg = _package()
-    return {m: importlib.import_module(f"{pkg}.{m}") for m in ("config", "data", "loop", "model")}
+    return {role: importlib.import_module(f"{pkg}.{path}") for role, path in MODULES.items()}
 
 
 def use_threads(params: object) -> None:
@@ -49,7 +59,7 @@ def use_threads(params: object) -> None:
 
 def bare_loop(data: object, params: object, epochs: int) -> float:
     """Samples/s of the plainest PyTorch loop over the same model, data and batch size."""
-    model_mod = importlib.import_module(f"{_package()}.model")
+    model_mod = _modules()["model"]
     cfg = params.train
     use_threads(params)
     torch.manual_seed(0)
@@ -94,9 +104,7 @@ def main() -> None:
         )
     cfg = params.train.model_copy(update={"epochs": args.epochs, "patience": 0})
     use_threads(params)
-    ctx = importlib.import_module(f"{_package()}.distributed").DistContext(
-        0, 1, 0, torch.device("cpu")
-    )
+    ctx = mods["distributed"].DistContext(0, 1, 0, torch.device("cpu"))
     samples = len(data.y_train) * args.epochs
 
     def ours(checkpoint: Path | None, every: int = 1) -> Callable[[], float]:
