@@ -118,14 +118,23 @@ def test_a_trained_project_passes_the_secrets_hook(trained: Project) -> None:
     """What training writes for git (data/processed/schema.json holds the data's md5) commits
     without a false secret; the same hex under another key is still caught."""
     schema = trained.json("data/processed/schema.json")
-    assert len(schema["raw"]["md5"]) == 32
+    md5 = schema["raw"]["md5"]
+    assert len(md5) == 32
     trained.nox("secrets")
+    # What a retrain writes for git beside them (data/retrain.json's history), then a leak.
+    after = trained.json("models/run.json")["data_md5"]["train"]
+    history = {"history": [{"md5_before": md5, "md5_after": after}], "added": [f"{after}:0"]}
     leak = trained.path / "leak.json"
-    leak.write_text(json.dumps({"token": schema["raw"]["md5"]}) + "\n")
+    retrain = trained.path / "data" / "retrain.json"
+    assert not retrain.exists()
+    retrain.write_text(json.dumps(history, indent=1) + "\n")  # as monitoring/retrain.py does
     try:
+        trained.nox("secrets")
+        leak.write_text(json.dumps({"token": md5}) + "\n")
         found = trained.nox("secrets", check=False)
     finally:
-        leak.unlink()
+        leak.unlink(missing_ok=True)
+        retrain.unlink()
     assert found.returncode != 0
     assert "leak.json" in found.stdout + found.stderr
 
