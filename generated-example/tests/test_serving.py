@@ -433,15 +433,18 @@ def test_feedback_waits_in_its_lane_while_predictions_go_through() -> None:
 
     settings = ServeSettings.from_env({"SERVE_FEEDBACK_OPEN": "yes"})
     assert settings.feedback_concurrency == 1
-    guard = Guard(app, settings, lanes={"/feedback": settings.feedback_concurrency})
+    fields = {"/feedback": frozenset(), "/predict": frozenset()}  # as the service: bodies read
+    guard = Guard(app, settings, fields, lanes={"/feedback": settings.feedback_concurrency})
 
-    async def post(path: str) -> int:
+    async def post(path: str, body_sent: asyncio.Event | None = None) -> int:
         scope = {"type": "http", "method": "POST", "path": path,
                  "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
                              (b"content-length", b"2")]}  # fmt: skip
         sent: list[dict] = []
 
         async def receive() -> dict:
+            if body_sent is not None:
+                await body_sent.wait()  # a client sending its body slowly
             return {"type": "http.request", "body": b"{}", "more_body": False}
 
         async def send(message: dict) -> None:
@@ -451,14 +454,19 @@ def test_feedback_waits_in_its_lane_while_predictions_go_through() -> None:
         return sent[0]["status"]
 
     async def scenario() -> list[int]:
+        slow_body = asyncio.Event()
+        slow = asyncio.create_task(post("/feedback", slow_body))
+        await asyncio.sleep(0.05)
+        assert inside["/feedback"] == 0  # its body not in yet: it holds no place in the lane
         feedback = [asyncio.create_task(post("/feedback")) for _ in range(4)]
         await asyncio.sleep(0.05)
         assert (inside["/feedback"], most["/feedback"]) == (1, 1)  # the others wait outside
         assert await asyncio.wait_for(post("/predict"), 1) == 200  # not behind the lane
         release.set()
-        return await asyncio.gather(*feedback)
+        slow_body.set()
+        return await asyncio.gather(slow, *feedback)
 
-    assert asyncio.run(scenario()) == [200] * 4
+    assert asyncio.run(scenario()) == [200] * 5
     assert most == {"/feedback": 1, "/predict": 1}
     with pytest.raises(ValueError, match="SERVE_FEEDBACK_CONCURRENCY"):
         ServeSettings.from_env({"SERVE_FEEDBACK_CONCURRENCY": "0"})
@@ -542,10 +550,19 @@ def test_the_feedback_index_keeps_its_connection_and_sees_new_requests(tmp_path)
     assert index.rows("c" * 32) == 0
     # Answered from a thread of its own, on a connection of its own (as /feedback does).
     assert asyncio.run(asyncio.to_thread(index.rows, "b" * 32)) == 3
+    # The index deleted (the folder cleaned), then replaced: the kept connection follows.
     index.path.unlink()
+    assert index.rows("b" * 32) == 0
     index.path.write_bytes(b"not a database")
     with pytest.raises(sqlite3.DatabaseError):
-        RequestIndex(tmp_path).rows("b" * 32)
+        index.rows("b" * 32)
+    index.path.unlink()
+    for suffix in ("-wal", "-shm"):
+        index.path.with_name(index.path.name + suffix).unlink(missing_ok=True)
+    again = PredictionLog(tmp_path, flush_s=60)
+    again.record("e" * 32, "1", [ROW] * 2, [{"label": "x"}] * 2)
+    again.close()
+    assert (index.rows("e" * 32), index.rows("b" * 32)) == (2, 0)
 
 
 def test_the_bento_pins_what_the_service_imports_at_the_locked_versions() -> None:

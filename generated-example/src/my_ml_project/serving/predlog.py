@@ -379,7 +379,9 @@ class RequestIndex:
     ~200 us, the better part of an unknown-id feedback's cost to the worker).
 
     No connection is opened before the index exists (opening one would create an empty file).
-    A connection that fails is dropped and the lookup tried once on a new one.
+    A connection follows the file: one to a file since deleted or replaced (the folder cleaned,
+    a volume mounted again) is dropped for a new one. A connection that fails is dropped and
+    the lookup tried once on a new one.
     """
 
     _QUERY = "SELECT rows FROM requests WHERE request_id = ?"
@@ -391,18 +393,36 @@ class RequestIndex:
     def rows(self, request_id: str) -> int:
         """Like :func:`count_rows`: the rows logged under ``request_id``, 0 when unknown."""
         for attempt in range(2):
-            db = getattr(self._local, "db", None)
-            if db is None:
-                if not self.path.exists():
-                    return 0
-                db = self._local.db = sqlite3.connect(self.path, timeout=10)
             try:
-                found = db.execute(self._QUERY, (request_id,)).fetchone()
+                found = self._connection().execute(self._QUERY, (request_id,)).fetchone()
+            except _NoIndex:
+                return 0
             except sqlite3.Error:
-                self._local.db = None
-                db.close()
+                self._drop()
                 if attempt:
                     raise
                 continue
             return int(found[0]) if found else 0
         return 0  # not reached: the second failure raises
+
+    def _connection(self) -> sqlite3.Connection:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            self._drop()
+            raise _NoIndex from None
+        file = (stat.st_dev, stat.st_ino)
+        if getattr(self._local, "file", None) != file:
+            self._drop()
+        if getattr(self._local, "db", None) is None:
+            self._local.db, self._local.file = sqlite3.connect(self.path, timeout=10), file
+        return self._local.db
+
+    def _drop(self) -> None:
+        db, self._local.db, self._local.file = getattr(self._local, "db", None), None, None
+        if db is not None:
+            db.close()
+
+
+class _NoIndex(Exception):
+    """The index file does not exist (yet)."""

@@ -316,8 +316,9 @@ class Guard:
     logs its rows under); a 4xx is logged as one WARNING line with it, never the content.
 
     ``lanes`` bound how many requests of a route a worker handles at once: the others wait,
-    before their body is read, so that a burst of one route (labels sent in bulk to
-    ``/feedback``) cannot crowd out another (``/predict``) on the worker's one event loop.
+    their body read and checked, so that a burst of one route (labels sent in bulk to
+    ``/feedback``) cannot crowd out another (``/predict``) on the worker's one event loop, and
+    a client sending its body slowly holds no place in the lane.
     """
 
     def __init__(
@@ -358,10 +359,9 @@ class Guard:
             refused = self._refused(scope, dict(headers))
             if refused is not None:
                 return await _reply(answer, *refused)
-            lane = self.lanes.get(scope["path"])
-            async with lane if lane is not None else contextlib.nullcontext():
-                if scope["method"] == "POST" and scope["path"] in self.fields:
-                    return await self._checked_body(scope, receive, answer)
+            if scope["method"] == "POST" and scope["path"] in self.fields:
+                return await self._checked_body(scope, receive, answer)
+            async with self._lane(scope):
                 return await self.app(scope, receive, answer)
         finally:
             if 400 <= status < 500:
@@ -428,7 +428,12 @@ class Guard:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+        async with self._lane(scope):  # once the body is in: a slow sender holds no place
+            await self.app(scope, replay, send)
+
+    def _lane(self, scope: Scope) -> contextlib.AbstractAsyncContextManager[Any]:
+        lane = self.lanes.get(scope["path"])
+        return lane if lane is not None else contextlib.nullcontext()
 
 
 def _host_name(host: bytes) -> str:
