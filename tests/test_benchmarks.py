@@ -45,7 +45,17 @@ def test_each_module_a_benchmark_names_exists(script: str, dotted: str) -> None:
     if not target.is_file() and module_file(dotted.rpartition(".")[0]).is_file():
         module, _, name = dotted.rpartition(".")
         tree = ast.parse(module_file(module).read_text(encoding="utf-8"))
-        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        defined = {
+            n.name
+            for n in tree.body
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        } | {
+            t.id
+            for n in tree.body
+            if isinstance(n, ast.Assign | ast.AnnAssign)
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+            if isinstance(t, ast.Name)
+        }
         assert name in defined, f"{script}: {module} defines no {name}"
         return
     assert target.is_file(), f"{script} imports {dotted}: no {target.relative_to(ROOT)}"
