@@ -383,7 +383,7 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             "/feedback": frozenset({"request_id", "labels"}),
         },
         # Labels are not urgent, answers are: with 8 clients posting unknown-id feedback back to
-        # back, /predict's p99 was 1.4x idle with a lane of 1, 2.5x without (one worker, 2 cores).
+        # back, /predict's p99 was 1.2x idle with a lane of 1, 2.5x without (one worker, 2 cores).
         lanes={"/feedback": SETTINGS.feedback_concurrency},
     )
     return Predictor
