@@ -55,6 +55,7 @@ PREDICTIONS, FEEDBACK, REJECTS = "predictions", "feedback", "rejects"
 COUNTS = ("written", "dropped", "write_errors", "rejected")
 CHUNK_BYTES = 1 << 20  # the most one write call carries
 INDEX_DAYS = 31  # how long /feedback can name a request
+ROWS_QUERY = "SELECT rows FROM requests WHERE request_id = ?"  # the rows an id was logged with
 
 
 def log_folder(explicit: Path | None = None) -> Path:
@@ -350,10 +351,10 @@ def _encoded(record: dict[str, Any]) -> bytes | Exception:
     """
     try:
         line = pydantic_core.to_json(record, inf_nan_mode="constants")
+        if b"NaN" not in line and b"Infinity" not in line:
+            return line
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError):
-        line = b"NaN"  # json names the reason below
-    if b"NaN" not in line and b"Infinity" not in line:
-        return line
+        pass  # json names the reason below
     try:
         return json.dumps(record, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
@@ -367,9 +368,7 @@ def count_rows(folder: str | Path, request_id: str) -> int:
     if not path.exists():
         return 0
     with closing(sqlite3.connect(path, timeout=10)) as db:
-        found = db.execute(
-            "SELECT rows FROM requests WHERE request_id = ?", (request_id,)
-        ).fetchone()
+        found = db.execute(ROWS_QUERY, (request_id,)).fetchone()
     return int(found[0]) if found else 0
 
 
@@ -384,45 +383,33 @@ class RequestIndex:
     the lookup tried once on a new one.
     """
 
-    _QUERY = "SELECT rows FROM requests WHERE request_id = ?"
-
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder) / REQUEST_INDEX
         self._local = threading.local()
 
     def rows(self, request_id: str) -> int:
         """Like :func:`count_rows`: the rows logged under ``request_id``, 0 when unknown."""
-        for attempt in range(2):
-            try:
-                found = self._connection().execute(self._QUERY, (request_id,)).fetchone()
-            except _NoIndex:
-                return 0
-            except sqlite3.Error:
-                self._drop()
-                if attempt:
-                    raise
-                continue
-            return int(found[0]) if found else 0
-        return 0  # not reached: the second failure raises
+        try:
+            return self._lookup(request_id)
+        except sqlite3.Error:
+            self._drop()
+            return self._lookup(request_id)  # on a new connection; a second failure raises
 
-    def _connection(self) -> sqlite3.Connection:
+    def _lookup(self, request_id: str) -> int:
         try:
             stat = self.path.stat()
         except FileNotFoundError:
             self._drop()
-            raise _NoIndex from None
+            return 0
         file = (stat.st_dev, stat.st_ino)
         if getattr(self._local, "file", None) != file:
             self._drop()
         if getattr(self._local, "db", None) is None:
             self._local.db, self._local.file = sqlite3.connect(self.path, timeout=10), file
-        return self._local.db
+        found = self._local.db.execute(ROWS_QUERY, (request_id,)).fetchone()
+        return int(found[0]) if found else 0
 
     def _drop(self) -> None:
         db, self._local.db, self._local.file = getattr(self._local, "db", None), None, None
         if db is not None:
             db.close()
-
-
-class _NoIndex(Exception):
-    """The index file does not exist (yet)."""
