@@ -4,8 +4,11 @@ YAML/TOML/JSON and its params.yaml through its own loader, and with its own unit
 Every value of every question appears; every pair of (CI providers subset, accelerator, DVC
 remote kind, Python version) appears at least once. One process renders them all (tasks skipped:
 the lock and the first commit are tested elsewhere). The generated code differs between answers
-only by the names (package, slug) and the description, so the unit tests run once per distinct
-code, with the environment of the `pristine` fixture (`PYTHONPATH=src`, the project not installed).
+only by the names (package, slug) and the description. The default code's whole unit-test suite
+runs in test_e2e.py (the GitLab test job); here, a render under other names must not name the
+default ones anywhere, and its own tests that reach the names (imports, the service and Bento,
+the registered model, a stage run as a module) run with the environment of the `pristine` fixture
+(`PYTHONPATH=src`, the project not installed).
 Only Python 3.11 exists here: renders asking for 3.12 or 3.13 get ruff at their own target
 version (ruff reads requires-python) and the parsing checks; their code is the 3.11 renders', so
 its tests run under 3.11.
@@ -48,6 +51,22 @@ TRACKING = [
     "databricks",
 ]
 CUDA = ["cu126", "cu128", "cu130"]
+# The default identity's names: a render under other names holds none of them (uv.lock aside:
+# the test copies pristine's in), but for the split salt the generated tests pin on purpose.
+DEFAULT_NAMES = ("my_ml_project", "my-ml-project", "My ML Project")
+PINNED_SALT = '"split": {"salt": "my-ml-project"}'
+# The renamed code's tests that reach its names: every module imported and its layout, the
+# service built and its Bento's contents, params loaded, the served schema, a model logged,
+# registered and loaded under the project's name, the train stage run as a module.
+NAMED_TESTS = [
+    "tests/test_layout.py",
+    "tests/test_modules.py",
+    "tests/test_config.py",
+    "tests/test_serving.py",
+    "tests/test_registry.py::test_log_register_alias_load_round_trip",
+    "tests/test_registry.py::test_logged_model_is_a_pyfunc_that_answers_in_labels",
+    "tests/test_train.py::test_train_stage_writes_outputs_and_registers",
+]
 # The names and description: two sets, so the generated code comes in two versions.
 IDENTITIES = [
     {},
@@ -97,6 +116,17 @@ def code_digest(project: Path) -> str:
     pipeline = yaml.safe_load((project / "dvc.yaml").read_text())
     digest.update(yaml.safe_dump([params, pipeline]).encode())
     return digest.hexdigest()
+
+
+def default_names_left(project: Path) -> list[str]:
+    """``file:line: text`` of each line of ``project`` naming the default identity."""
+    found = []
+    for path in sorted(p for p in project.rglob("*") if p.is_file() and p.name != "uv.lock"):
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
+            if any(name in line for name in DEFAULT_NAMES) and PINNED_SALT not in line:
+                found.append(f"{path.relative_to(project)}:{number}: {line.strip()}")
+    return found
 
 
 def test_answer_sets_cover_every_value_and_every_pair() -> None:
@@ -149,8 +179,14 @@ def test_answer_matrix(pristine: Project, tmp_path: Path) -> None:
             PYTHONPATH=str(group[0] / "src"),
         )  # fmt: skip
 
-    # The unit tests, once per distinct code; the default code's are pristine's own
-    # (test_e2e.py::test_project_lint_and_unit_tests_pass runs them).
+    # Under other names, nothing names the default identity (a name written out in the template
+    # instead of its variable), in any file: code, tests, CI files, docs.
+    for project, answers in zip(projects, sets, strict=True):
+        if answers.get("package_name"):
+            assert default_names_left(project) == [], project
+
+    # The tests that reach the names, once per distinct code; the default code's whole suite is
+    # pristine's own (test_e2e.py::test_project_lint_and_unit_tests_pass_in_gitlab_ci runs it).
     tested = {code_digest(pristine.path)}
     for project in projects:
         digest = code_digest(project)
@@ -160,8 +196,9 @@ def test_answer_matrix(pristine: Project, tmp_path: Path) -> None:
         # Renders skip the lock task; the tests run in pristine's environment, locked by its
         # uv.lock (test_serving checks the Bento's pins against the lock).
         shutil.copy(pristine.path / "uv.lock", project / "uv.lock")
+        pytest_args = ["-q", "-p", "no:cacheprovider", "-m", "not slow", *NAMED_TESTS]
         proc = subprocess.run(
-            [pristine.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow"],
+            [pristine.python, "-m", "pytest", *pytest_args],
             cwd=project,
             env={**pristine.env, "PYTHONPATH": str(project / "src")},
             capture_output=True,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# The import package (``my_ml_project``) and the name of its model in MLflow's registry and in
-# BentoML's store (``my-ml-project``).
+# The import package (this module's top package) and the name of its model in MLflow's registry
+# and in BentoML's store: the package's name with '-' for '_'.
 PACKAGE = __package__.partition(".")[0] if __package__ else "<package>"
 MODEL_NAME = PACKAGE.replace("_", "-")
 
