@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
-from e2e import Project, start_service
+from e2e import PACKAGE, Project, start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -144,6 +144,17 @@ def test_second_deploy_reuses_the_bento(server: Server) -> None:
         BENTOML_HOME=str(server.project.path / ".bentoml"),
     ).stdout  # fmt: skip
     assert len(json.loads(listed)) == 1
+
+
+def test_building_the_service_imports_neither_torch_nor_pandas(server: Server) -> None:
+    """`bentoml serve` builds the service in its own process before it starts a worker: what that
+    imports delays readiness (torch ~2 s, pandas ~0.3 s). The worker imports them."""
+    code = (
+        f"import sys\nfrom {PACKAGE}.serving import service\nassert service.Predictor\n"
+        "print(sorted(name for name in ('torch', 'pandas') if name in sys.modules))"
+    )
+    built = server.project.py("-c", code, BENTOML_HOME=str(server.project.path / ".bentoml"))
+    assert built.stdout.splitlines()[-1] == "[]", built.stdout + built.stderr
 
 
 def test_deploy_writes_a_valid_sbom_of_the_locked_packages(server: Server) -> None:

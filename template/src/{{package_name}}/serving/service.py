@@ -15,7 +15,7 @@ Importing this module does nothing: :func:`build_service` makes the service, and
 ``<package>.serving.service:Predictor`` reaches it through the module's ``__getattr__``. PyTorch
 and the model code are imported by the worker that loads the model, not here: `bentoml serve`
 also builds the service in its own process first, to read its configuration, and torch's import
-(~2 s) there delayed readiness.
+(~2 s) there delayed readiness; pandas (~0.3 s) is imported by the worker too, for the same reason.
 
 Which models: ``deployment.json`` beside this module in the Bento (written by ``nox -s deploy``)
 names the served model and, with ``serve.shadow: true``, the shadow (the challenger), scored
@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import bentoml
 import numpy as np
-import pandas as pd
 from bentoml.validators import ContentType
 
 from ..core.config import ProjectError
@@ -175,6 +174,7 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             shadow_ref = SHADOW_REF
 
         def __init__(self) -> None:
+            import pandas  # noqa: F401  (for the requests, here in the worker: before readiness)
             import torch
 
             from ..model.network import load_model
@@ -242,7 +242,8 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
         @staticmethod
         def _score(model: Any, records: list[dict[str, Any]]) -> Scores:
             """Labels and probabilities; NonFiniteError rather than a label of NaN scores."""
-            import torch  # in sys.modules since __init__: a dictionary lookup
+            import pandas as pd  # in sys.modules since __init__, as torch: a dictionary lookup
+            import torch
 
             from ..model.network import predict_frame
 
@@ -314,6 +315,8 @@ def build_service(settings: ServeSettings | None = None, deployment: Path = DEPL
             except InputError as exc:
                 ctx.response.status_code = 422
                 return {"error": "values the model cannot compute", "detail": exc.problems}
+            import pandas as pd
+
             from ..model.explain import attribute_frame
 
             classes = self.model.class_names
