@@ -74,7 +74,7 @@ SLOW_FIRST = {
     "trained": 240,
     "test_project_lint_and_unit_tests_pass_in_gitlab_ci": 150,
     "test_canary_analysis_against_prometheus": 120,
-    "test_answer_matrix": 105,
+    "test_answer_matrix": 65,
     "test_gitlab_first_train_then_monitor_are_green_and_drift_retrains": 80,
     "test_racing_evaluations_decide_one_after_the_other": 50,
     "test_deleted_artefacts_and_a_worse_model_keep_the_champion": 50,
